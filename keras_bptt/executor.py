@@ -1,0 +1,316 @@
+"""TensorFlow executor for memory-budgeted backpropagation through time.
+
+Implements the execution side of Gruslys et al., "Memory-Efficient
+Backpropagation Through Time" (NIPS 2016): one `tf.custom_gradient` function
+wraps the whole recurrence.
+
+* Its forward pass is one `tf.while_loop` over the time steps. It computes the
+  outputs and writes into a hidden-state buffer only the states the plan's
+  first sweep stores (`Program.forward_store`). Because the loop runs inside a
+  function whose gradient is overridden, TensorFlow keeps no per-step
+  accumulators for it.
+* Its gradient function is one `tf.while_loop` that interprets the plan's
+  backward program one operation per iteration (`tf.switch_case`): recompute a
+  step, store the register in a slot, restore it from a slot, drop a slot, or
+  backpropagate a step (a vector-Jacobian product of the step evaluated under
+  a `tf.GradientTape` from the register).
+
+The buffer of stored hidden states is a `tf.TensorArray` with exactly
+`Program.hidden_slots` entries, so stored memory is bounded by the budget and
+not by t; graph size and tracing time do not depend on t. When t is unknown
+while tracing, the program is fetched at run time (`tf.numpy_function`), so
+one trace serves every length.
+
+Known limitations:
+
+* The transient internal state of the last step cannot cross from the forward
+  function to the gradient function; `h_{t-1}` is kept beside the slots and
+  step t is evaluated once more (see `keras_bptt.program`).
+* A run-time program (unknown t) uses `tf.numpy_function`, which XLA cannot
+  compile; give the layer a static sequence length under `jit_compile=True`.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+from keras_bptt import plan as plan_lib
+
+_COUNTER_DTYPE = tf.int64
+
+
+@dataclasses.dataclass
+class ProgramTensors:
+    """A `keras_bptt.program.Program` as tensors (constants or run-time)."""
+
+    forward_store: tf.Tensor
+    backward_ops: tf.Tensor
+    hidden_slots: tf.Tensor
+    expected_counts: tf.Tensor
+
+
+@dataclasses.dataclass
+class ExecutionCounts:
+    """What an execution really did, counted by the executor itself."""
+
+    forward_steps: tf.Tensor
+    recomputed_steps: tf.Tensor
+    backward_steps: tf.Tensor
+    peak_stored_slots: tf.Tensor
+
+
+def _batch_major(tensor):
+    return tf.transpose(tensor, [1, 0] + list(range(2, tensor.shape.rank)))
+
+
+def _zeros_like_or(gradient, reference):
+    return tf.zeros_like(reference) if gradient is None else gradient
+
+
+def _state_buffers(states, size):
+    return [
+        tf.TensorArray(
+            s.dtype,
+            size=size,
+            element_shape=s.shape,
+            clear_after_read=False,
+        )
+        for s in states
+    ]
+
+
+def _write_slot(buffers, slot, states):
+    return [b.write(slot, s) for b, s in zip(buffers, states)]
+
+
+def _read_slot(buffers, slot, like):
+    return [tf.ensure_shape(b.read(slot), s.shape) for b, s in zip(buffers, like)]
+
+
+def run_recurrence(
+    step_fn,
+    inputs,
+    initial_states,
+    program,
+    *,
+    mask=None,
+    go_backwards=False,
+    return_sequences=False,
+    on_backward=None,
+):
+    """Runs a recurrence whose backward pass follows a memory plan.
+
+    Args:
+        step_fn: `step_fn(x_t, mask_t, states) -> (output_t, new_states)` with
+            `states` a flat list of tensors. `mask_t` is `None` without mask.
+            It must be a pure function of its arguments and the variables it
+            reads (dropout masks fixed beforehand), since steps are
+            recomputed.
+        inputs: Tensor `[batch, t, ...]`.
+        initial_states: Flat list of state tensors `[batch, ...]`.
+        program: `ProgramTensors` for this length.
+        mask: Optional boolean tensor `[batch, t]`.
+        go_backwards: Process the sequence from its last step to its first.
+        return_sequences: Return all outputs `[batch, t, ...]` (in processing
+            order, as `keras.layers.RNN`) or only the last.
+        on_backward: Optional callback receiving the gradient function's
+            `ExecutionCounts`; it may return an op to run (e.g. assigns).
+
+    Returns:
+        `(outputs, final_states, forward_counts)`, the last an
+        `ExecutionCounts` of the forward pass (backward fields zero).
+    """
+    num_states = len(initial_states)
+    has_mask = mask is not None
+    mask_args = [mask] if has_mask else []
+    program_args = [
+        program.forward_store,
+        program.backward_ops,
+        program.hidden_slots,
+    ]
+
+    @tf.custom_gradient
+    def recurrence(x, *args):
+        mask_tensor = args[0] if has_mask else None
+        rest = args[len(mask_args) :]
+        states0 = list(rest[:num_states])
+        forward_store, backward_ops, hidden_slots = rest[num_states:]
+        length = tf.shape(x)[1]
+
+        def time_index(i):
+            # Reading x[:, j] in place avoids a reversed or time-major copy.
+            return length - 1 - i if go_backwards else i
+
+        def step_at(i, states):
+            j = time_index(i)
+            mask_t = None if mask_tensor is None else mask_tensor[:, j]
+            return step_fn(x[:, j], mask_t, states)
+
+        # The first step runs outside the loop to learn the output signature.
+        output0, states1 = step_at(0, states0)
+        buffers = _state_buffers(states0, hidden_slots)
+        buffers = tf.cond(
+            forward_store[0] >= 0,
+            lambda: _write_slot(buffers, forward_store[0], states0),
+            lambda: buffers,
+        )
+        stored = tf.cast(forward_store[0] >= 0, _COUNTER_DTYPE)
+        outputs_ta = tf.TensorArray(
+            output0.dtype,
+            size=length if return_sequences else 1,
+            element_shape=output0.shape,
+        ).write(0, output0)
+
+        def forward_body(i, prev_states, states, output, outputs, bufs, n):
+            slot = forward_store[i]
+            bufs = tf.cond(
+                slot >= 0,
+                lambda: _write_slot(bufs, slot, states),
+                lambda: bufs,
+            )
+            n += tf.cast(slot >= 0, _COUNTER_DTYPE)
+            output, new_states = step_at(i, states)
+            if return_sequences:
+                outputs = outputs.write(i, output)
+            return i + 1, states, new_states, output, outputs, bufs, n
+
+        _, prev_states, final_states, last_output, outputs_ta, buffers, stored = (
+            tf.while_loop(
+                lambda i, *_: i < length,
+                forward_body,
+                (tf.constant(1), states0, states1, output0, outputs_ta,
+                 buffers, stored),
+            )
+        )
+        outputs = (
+            _batch_major(outputs_ta.stack()) if return_sequences else last_output
+        )
+        forward_counts = (tf.cast(length, _COUNTER_DTYPE), stored)
+
+        def grad_fn(d_outputs, *d_rest, variables=None):
+            variables = list(variables or [])
+            d_final_states = d_rest[:num_states]
+            d_outputs = _zeros_like_or(d_outputs, outputs)
+            d_states = [
+                _zeros_like_or(d, s) for d, s in zip(d_final_states, final_states)
+            ]
+            num_ops = tf.shape(backward_ops)[0]
+            x_grads = tf.TensorArray(
+                x.dtype, size=length, element_shape=[x.shape[0]] + x.shape[2:]
+            )
+            var_grads = [tf.zeros_like(v) for v in variables]
+
+            def output_cotangent(step):
+                if return_sequences:
+                    return d_outputs[:, step - 1]
+                is_last = tf.cast(tf.equal(step, length), d_outputs.dtype)
+                return d_outputs * is_last
+
+            def recompute(step, register):
+                return step_at(step - 1, register)[1]
+
+            def backward(step, register, d_register):
+                j = time_index(step - 1)
+                x_t = x[:, j]
+                mask_t = None if mask_tensor is None else mask_tensor[:, j]
+                with tf.GradientTape() as tape:
+                    tape.watch(x_t)
+                    tape.watch(register)
+                    output, new_states = step_fn(x_t, mask_t, register)
+                grads = tape.gradient(
+                    [output] + list(new_states),
+                    [x_t] + list(register) + variables,
+                    output_gradients=[output_cotangent(step)] + list(d_register),
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+                grads = [tf.convert_to_tensor(g) for g in grads]
+                return grads[0], grads[1 : 1 + num_states], grads[1 + num_states :]
+
+            def body(k, register, d_register, bufs, dx, dvars, counts):
+                opcode, step, slot = (
+                    backward_ops[k, 0],
+                    backward_ops[k, 1],
+                    backward_ops[k, 2],
+                )
+                recomputed, backwards, live, peak = counts
+
+                def do_recompute():
+                    new_register = recompute(step, register)
+                    return (new_register, d_register, bufs, dx, dvars,
+                            (recomputed + 1, backwards, live, peak))
+
+                def do_store():
+                    new_live = live + 1
+                    return (register, d_register, _write_slot(bufs, slot, register),
+                            dx, dvars,
+                            (recomputed, backwards, new_live,
+                             tf.maximum(peak, new_live)))
+
+                def do_restore():
+                    return (_read_slot(bufs, slot, register), d_register, bufs,
+                            dx, dvars, counts)
+
+                def do_drop():
+                    return (register, d_register, bufs, dx, dvars,
+                            (recomputed, backwards, live - 1, peak))
+
+                def do_backward():
+                    gx, g_states, g_vars = backward(step, register, d_register)
+                    return (register, g_states, bufs, dx.write(time_index(step - 1), gx),
+                            [a + g for a, g in zip(dvars, g_vars)],
+                            (recomputed + 1, backwards + 1, live, peak))
+
+                def unreachable():
+                    # compile_program() rejects plans with internal states.
+                    return register, d_register, bufs, dx, dvars, counts
+
+                branches = {
+                    plan_lib.FORWARD: do_recompute,
+                    plan_lib.FORWARD_STORE_INTERNAL: unreachable,
+                    plan_lib.STORE_HIDDEN: do_store,
+                    plan_lib.RESTORE: do_restore,
+                    plan_lib.DROP_HIDDEN: do_drop,
+                    plan_lib.BACKWARD: do_backward,
+                    plan_lib.BACKWARD_INTERNAL: unreachable,
+                }
+                result = tf.switch_case(opcode, branch_fns=branches)
+                register, d_register, bufs, dx, dvars, counts = result
+                return k + 1, register, d_register, bufs, dx, dvars, counts
+
+            zero = tf.zeros([], _COUNTER_DTYPE)
+            _, _, d_initial, _, x_grads, var_grads, counts = tf.while_loop(
+                lambda k, *_: k < num_ops,
+                body,
+                (tf.constant(0), list(prev_states), d_states, buffers, x_grads,
+                 var_grads, (zero, zero, stored, stored)),
+            )
+            side_effects = []
+            if on_backward is not None:
+                recomputed, backwards, _, peak = counts
+                op = on_backward(
+                    ExecutionCounts(
+                        forward_steps=tf.cast(length, _COUNTER_DTYPE),
+                        recomputed_steps=recomputed,
+                        backward_steps=backwards,
+                        peak_stored_slots=peak,
+                    )
+                )
+                if op is not None:
+                    side_effects.append(op)
+            with tf.control_dependencies(side_effects):
+                dx = tf.identity(_batch_major(x_grads.stack()))
+            input_grads = (
+                [dx]
+                + [None] * len(mask_args)
+                + list(d_initial)
+                + [None] * len(program_args)
+            )
+            return input_grads, var_grads
+
+        return (outputs, *final_states, *forward_counts), grad_fn
+
+    results = recurrence(inputs, *mask_args, *initial_states, *program_args)
+    forward_steps, stored = results[1 + num_states :]
+    zero = tf.zeros([], _COUNTER_DTYPE)
+    counts = ExecutionCounts(forward_steps, zero, zero, stored)
+    return results[0], list(results[1 : 1 + num_states]), counts

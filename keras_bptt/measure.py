@@ -1,0 +1,203 @@
+"""Measures the peak memory and time of one RNN training step.
+
+Peak memory comes from TensorFlow's allocator statistics
+(`tf.config.experimental.get_memory_info`). On CPU these count every tensor,
+the while-loop accumulators included, only when `TF_CPU_ALLOCATOR_USE_BFC`
+is `true` before TensorFlow is imported; allocator caching also makes
+absolute figures depend on what ran before. Each configuration is therefore
+measured in a fresh subprocess: `measure_in_subprocess(...)` runs
+`python -m keras_bptt.measure` with the environment set.
+
+Example:
+
+```python
+from keras_bptt.measure import measure_in_subprocess
+
+result = measure_in_subprocess(layer="budget", length=1000, memory_budget="5%")
+print(result["step_peak_bytes"], result["step_seconds"])
+```
+
+Command line:
+
+```
+python -m keras_bptt.measure --layer budget --length 1000 --memory-budget 5%
+```
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+LAYERS = ("rnn", "lstm", "budget")
+
+
+def _parse_budget_argument(value):
+    if value in (None, "none", "None"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _build_model(layer, length, batch, units, features, memory_budget, scheme):
+    import keras
+
+    from keras_bptt import MemoryBudgetRNN
+
+    if layer == "rnn":
+        rnn = keras.layers.RNN(keras.layers.LSTMCell(units))
+    elif layer == "lstm":
+        rnn = keras.layers.LSTM(units)
+    elif layer == "budget":
+        rnn = MemoryBudgetRNN(
+            keras.layers.LSTMCell(units), memory_budget=memory_budget, scheme=scheme
+        )
+    else:
+        raise ValueError(f"Unknown layer {layer!r}; expected one of {LAYERS}.")
+    inputs = keras.Input(batch_shape=(batch, length, features))
+    outputs = keras.layers.Dense(1)(rnn(inputs))
+    return keras.Model(inputs, outputs), rnn
+
+
+def measure_step(
+    layer="budget",
+    length=1000,
+    batch=32,
+    units=256,
+    features=32,
+    memory_budget=None,
+    scheme="auto",
+    repeats=3,
+    jit_compile=False,
+    device=None,
+):
+    """Measures one training step in this process (TensorFlow imported here).
+
+    Returns:
+        A dict with `step_peak_bytes` (peak allocation during a step above
+        what was allocated before it), `peak_bytes` (absolute peak),
+        `step_seconds` (median of `repeats` steps), and for `layer="budget"`
+        the plan and the executor's counters.
+    """
+    import keras
+    import tensorflow as tf
+
+    if device is None:
+        device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+    model, rnn = _build_model(
+        layer, length, batch, units, features, memory_budget, scheme
+    )
+    optimizer = keras.optimizers.SGD(1e-3)
+    rng = tf.random.Generator.from_seed(0)
+    x = rng.normal([batch, length, features])
+    y = rng.normal([batch, 1])
+
+    @tf.function(jit_compile=jit_compile)
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((model(x, training=True) - y) ** 2)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    train_step(x, y).numpy()  # trace and warm up
+    tf.config.experimental.reset_memory_stats(device)
+    before = tf.config.experimental.get_memory_info(device)["current"]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        train_step(x, y).numpy()
+        times.append(time.perf_counter() - start)
+    peak = tf.config.experimental.get_memory_info(device)["peak"]
+    result = {
+        "layer": layer,
+        "length": length,
+        "batch": batch,
+        "units": units,
+        "features": features,
+        "memory_budget": memory_budget,
+        "scheme": scheme,
+        "jit_compile": jit_compile,
+        "device": device,
+        "peak_bytes": int(peak),
+        "step_peak_bytes": int(peak - before),
+        "step_seconds": sorted(times)[len(times) // 2],
+    }
+    if layer == "budget" and rnn.last_plan is not None:
+        plan = rnn.last_plan
+        result.update(
+            plan_scheme=plan.scheme,
+            plan_memory_slots=float(plan.memory),
+            plan_cost=int(plan.cost),
+            plan_peak_slots=float(plan.peak_memory),
+            counters=rnn.execution_stats.as_dict(),
+        )
+    return result
+
+
+def measure_in_subprocess(timeout=1800, **config):
+    """Runs `measure_step(**config)` in a fresh Python with BFC statistics."""
+    env = dict(os.environ)
+    env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("KERAS_BACKEND", "tensorflow")
+    command = [sys.executable, "-m", "keras_bptt.measure", "--json", json.dumps(config)]
+    completed = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"Measurement {config} failed:\n{completed.stderr[-4000:]}"
+        )
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_bptt.measure",
+        description="Peak memory and time of one LSTM training step.",
+    )
+    parser.add_argument("--json", help="All settings as one JSON object.")
+    parser.add_argument("--layer", choices=LAYERS, default="budget")
+    parser.add_argument("--length", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--units", type=int, default=256)
+    parser.add_argument("--features", type=int, default=32)
+    parser.add_argument("--memory-budget", default=None)
+    parser.add_argument("--scheme", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--jit-compile", action="store_true")
+    args = parser.parse_args(argv)
+    if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") != "true":
+        print(
+            "warning: TF_CPU_ALLOCATOR_USE_BFC is not 'true'; CPU peak memory "
+            "misses most while-loop accumulators.",
+            file=sys.stderr,
+        )
+    if args.json:
+        config = json.loads(args.json)
+    else:
+        config = {
+            "layer": args.layer,
+            "length": args.length,
+            "batch": args.batch,
+            "units": args.units,
+            "features": args.features,
+            "memory_budget": _parse_budget_argument(args.memory_budget),
+            "scheme": args.scheme,
+            "repeats": args.repeats,
+            "jit_compile": args.jit_compile,
+        }
+    print(json.dumps(measure_step(**config)))
+
+
+if __name__ == "__main__":
+    main()

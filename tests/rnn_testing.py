@@ -1,0 +1,103 @@
+"""Helpers comparing MemoryBudgetRNN with keras.layers.RNN on equal weights."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_bptt import MemoryBudgetRNN
+
+
+class NestedStateCell(keras.layers.Layer):
+    """A custom cell whose state is nested: `[h, [c, n]]` of sizes 4, 3, 2."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.state_size = [4, [3, 2]]
+        self.output_size = 4
+
+    def build(self, input_shape):
+        features = input_shape[-1]
+        self.kernel = self.add_weight(shape=(features, 9), name="kernel")
+        self.recurrent = self.add_weight(shape=(9, 9), name="recurrent")
+        self.built = True
+
+    def get_initial_state(self, batch_size=None):
+        return [
+            keras.ops.zeros((batch_size, 4)),
+            [keras.ops.zeros((batch_size, 3)), keras.ops.zeros((batch_size, 2))],
+        ]
+
+    def call(self, inputs, states):
+        h, (c, n) = states
+        z = keras.ops.concatenate([h, c, n], axis=-1)
+        z = keras.ops.tanh(inputs @ self.kernel + z @ self.recurrent)
+        return z[:, :4], [z[:, :4], [z[:, 4:7] * c + z[:, 4:7], z[:, 7:]]]
+
+
+CELLS = {
+    "lstm": lambda: keras.layers.LSTMCell(6),
+    "gru": lambda: keras.layers.GRUCell(5),
+    "gru_reset_before": lambda: keras.layers.GRUCell(5, reset_after=False),
+    "simple": lambda: keras.layers.SimpleRNNCell(7),
+    "stacked": lambda: [keras.layers.LSTMCell(4), keras.layers.GRUCell(3)],
+    "nested": NestedStateCell,
+}
+
+
+def make_pair(cell_factory, memory_budget, input_shape, scheme="auto", **kwargs):
+    """keras.layers.RNN and MemoryBudgetRNN with the same weights."""
+    reference = keras.layers.RNN(cell_factory(), **kwargs)
+    budgeted = MemoryBudgetRNN(
+        cell_factory(), memory_budget=memory_budget, scheme=scheme, **kwargs
+    )
+    reference.build(input_shape)
+    budgeted.build(input_shape)
+    budgeted.set_weights(reference.get_weights())
+    return reference, budgeted
+
+
+def _loss(outputs):
+    total = 0.0
+    for i, out in enumerate(tf.nest.flatten(outputs)):
+        weights = tf.cos(tf.range(tf.size(out), dtype=out.dtype) * (0.37 + i))
+        total += tf.reduce_sum(tf.reshape(out, [-1]) * weights)
+    return total
+
+
+def outputs_and_gradients(layer, x, initial_state=None, mask=None, training=None):
+    """The layer's outputs and the gradients of a fixed random projection."""
+    sources = [x] + tf.nest.flatten(initial_state or [])
+    with tf.GradientTape() as tape:
+        tape.watch(sources)
+        kwargs = {}
+        if initial_state is not None:
+            kwargs["initial_state"] = initial_state
+        if mask is not None:
+            kwargs["mask"] = mask
+        if training is not None:
+            kwargs["training"] = training
+        outputs = layer(x, **kwargs)
+        loss = _loss(outputs)
+    grads = tape.gradient(loss, sources + list(layer.trainable_weights))
+    return tf.nest.flatten(outputs), grads
+
+
+def assert_close(actual, expected, rtol=1e-5, name="value"):
+    """Equal within `rtol` relative to the tensor's largest magnitude."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-3)
+    error = float(np.max(np.abs(actual - expected), initial=0.0))
+    assert error <= rtol * scale, f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+def assert_same_results(reference_results, budgeted_results):
+    (ref_out, ref_grads), (out, grads) = reference_results, budgeted_results
+    assert len(ref_out) == len(out)
+    for i, (a, b) in enumerate(zip(out, ref_out)):
+        assert_close(a, b, name=f"output {i}")
+    assert len(ref_grads) == len(grads)
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert a is not None and b is not None, f"gradient {i} is None"
+        assert_close(tf.convert_to_tensor(a), tf.convert_to_tensor(b), name=f"gradient {i}")

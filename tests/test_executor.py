@@ -1,0 +1,75 @@
+"""The executor does what the plan says, in a graph whose size ignores t."""
+
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_bptt import MemoryBudgetRNN
+from keras_bptt import program as program_lib
+from rnn_testing import outputs_and_gradients
+
+
+@pytest.mark.parametrize(
+    "length, budget, scheme",
+    [(1, 1, "hsm"), (10, 1, "hsm"), (10, 3, "hsm"), (37, 5, "hsm"),
+     (40, 40, "hsm"), (25, 4, "bisection"), (9, 1, "recompute_all")],
+)
+def test_counts_equal_the_plan(length, budget, scheme):
+    layer = MemoryBudgetRNN(keras.layers.GRUCell(3), memory_budget=budget, scheme=scheme)
+    outputs_and_gradients(layer, tf.random.normal((2, length, 2)))
+    stats = layer.execution_stats.as_dict()
+    plan = layer.last_plan
+    assert stats["measured/forward_steps"] == length
+    assert stats["measured/backward_steps"] == length
+    # The executor evaluates step t once more than the plan (see program.py).
+    assert stats["measured/forward_steps"] + stats["measured/recomputed_steps"] == plan.cost + 1
+    assert stats["measured/peak_stored_slots"] == plan.peak_memory
+    assert stats["measured/peak_stored_slots"] <= budget
+    for name in ("forward_steps", "recomputed_steps", "backward_steps", "peak_stored_slots"):
+        assert stats[f"measured/{name}"] == stats[f"planned/{name}"], name
+
+
+def _trace(length, units=8):
+    layer = MemoryBudgetRNN(keras.layers.LSTMCell(units), memory_budget=4)
+    layer.build((2, length, 3))
+
+    @tf.function
+    def train_step(x):
+        return outputs_and_gradients(layer, x)
+
+    spec = tf.TensorSpec((2, length, 3), tf.float32)
+    start = time.perf_counter()
+    concrete = train_step.get_concrete_function(spec)
+    seconds = time.perf_counter() - start
+    nodes = len(concrete.graph.as_graph_def(add_shapes=False).node)
+    functions = len(concrete.graph.as_graph_def().library.function)
+    return seconds, nodes, functions
+
+
+def test_graph_size_and_tracing_time_do_not_grow_with_length():
+    _trace(5)  # warm up TensorFlow's own one-time tracing costs
+    short_seconds, _, short_functions = _trace(10)
+    _, medium_nodes, _ = _trace(1_000)
+    long_seconds, long_nodes, long_functions = _trace(10_000)
+    # (t=10 differs by two nodes: TensorFlow builds small zeros as constants.)
+    assert long_nodes == medium_nodes
+    assert long_functions == short_functions
+    assert long_seconds <= 1.5 * short_seconds + 0.05, (short_seconds, long_seconds)
+
+
+def test_program_lowering_fuses_forward_backward_pairs():
+    from keras_bptt import planner
+
+    plan = planner.make_plan(10, 3, scheme="hsm")
+    program = program_lib.compile_program(plan)
+    assert program.recomputed_steps == plan.cost - 10 + 1
+    stored_before_step = program.forward_store[program.forward_store >= 0]
+    assert len(stored_before_step) <= 3
+    assert program.forward_store[0] == 0  # h_0 is stored first
+    opcodes = program.backward_ops[:, 0]
+    assert (opcodes == 5).sum() == 10  # one BACKWARD per step
+    assert not np.any((opcodes[:-1] == 0) & (opcodes[1:] == 5)
+                      & (program.backward_ops[:-1, 1] == program.backward_ops[1:, 1]))
