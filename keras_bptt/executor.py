@@ -96,6 +96,7 @@ def run_recurrence(
     mask=None,
     go_backwards=False,
     return_sequences=False,
+    input_gradient=True,
     on_backward=None,
 ):
     """Runs a recurrence whose backward pass follows a memory plan.
@@ -113,6 +114,9 @@ def run_recurrence(
         go_backwards: Process the sequence from its last step to its first.
         return_sequences: Return all outputs `[batch, t, ...]` (in processing
             order, as `keras.layers.RNN`) or only the last.
+        input_gradient: Whether to compute the gradient of `inputs`. Skipping
+            it when nothing needs it (raw model inputs) saves a `[batch, t,
+            ...]` buffer.
         on_backward: Optional callback receiving the gradient function's
             `ExecutionCounts`; it may return an op to run (e.g. assigns).
 
@@ -196,7 +200,9 @@ def run_recurrence(
             ]
             num_ops = tf.shape(backward_ops)[0]
             x_grads = tf.TensorArray(
-                x.dtype, size=length, element_shape=[x.shape[0]] + x.shape[2:]
+                x.dtype,
+                size=length if input_gradient else 0,
+                element_shape=[x.shape[0]] + x.shape[2:],
             )
             var_grads = [tf.zeros_like(v) for v in variables]
 
@@ -213,18 +219,19 @@ def run_recurrence(
                 j = time_index(step - 1)
                 x_t = x[:, j]
                 mask_t = None if mask_tensor is None else mask_tensor[:, j]
+                x_sources = [x_t] if input_gradient else []
                 with tf.GradientTape() as tape:
-                    tape.watch(x_t)
-                    tape.watch(register)
+                    tape.watch(x_sources + list(register))
                     output, new_states = step_fn(x_t, mask_t, register)
                 grads = tape.gradient(
                     [output] + list(new_states),
-                    [x_t] + list(register) + variables,
+                    x_sources + list(register) + variables,
                     output_gradients=[output_cotangent(step)] + list(d_register),
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
                 )
                 grads = [tf.convert_to_tensor(g) for g in grads]
-                return grads[0], grads[1 : 1 + num_states], grads[1 + num_states :]
+                gx = grads.pop(0) if input_gradient else None
+                return gx, grads[:num_states], grads[num_states:]
 
             def body(k, register, d_register, bufs, dx, dvars, counts):
                 opcode, step, slot = (
@@ -256,7 +263,10 @@ def run_recurrence(
 
                 def do_backward():
                     gx, g_states, g_vars = backward(step, register, d_register)
-                    return (register, g_states, bufs, dx.write(time_index(step - 1), gx),
+                    new_dx = (
+                        dx.write(time_index(step - 1), gx) if input_gradient else dx
+                    )
+                    return (register, g_states, bufs, new_dx,
                             [a + g for a, g in zip(dvars, g_vars)],
                             (recomputed + 1, backwards + 1, live, peak))
 
@@ -298,7 +308,12 @@ def run_recurrence(
                 if op is not None:
                     side_effects.append(op)
             with tf.control_dependencies(side_effects):
-                dx = tf.identity(_batch_major(x_grads.stack()))
+                var_grads = [tf.identity(g) for g in var_grads]
+                dx = (
+                    tf.identity(_batch_major(x_grads.stack()))
+                    if input_gradient
+                    else None
+                )
             input_grads = (
                 [dx]
                 + [None] * len(mask_args)

@@ -11,9 +11,10 @@ from keras_bptt import budget as budget_lib
 from keras_bptt import cell_memory
 from keras_bptt import execution_stats
 from keras_bptt import executor
+from keras_bptt import planner
 from keras_bptt import program as program_lib
 
-LAYER_SCHEMES = ("auto", "hsm", "recompute_all", "bisection")
+LAYER_SCHEMES = ("auto",) + planner.HIDDEN_STATE_SCHEMES
 
 
 def _require_tensorflow_backend():
@@ -99,8 +100,9 @@ class MemoryBudgetRNN(keras.layers.RNN):
               `keras.layers.RNN` does it.
             Inputs, outputs and their gradients are O(t) by nature and not
             part of the budget.
-        scheme: `"auto"` (default), `"hsm"` (optimal hidden-state
-            checkpointing), `"bisection"` or `"recompute_all"`.
+        scheme: `"auto"` (default: the fastest plan that fits), `"hsm"`
+            (optimal hidden-state checkpointing), `"chen_sqrt_hidden"`
+            (sqrt(t) segments), `"bisection"` or `"recompute_all"`.
         return_sequences, return_state, go_backwards, stateful,
         zero_output_for_mask: As in `keras.layers.RNN`.
         unroll: Accepted for compatibility. It only affects calls without
@@ -298,6 +300,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             mask=mask_bool,
             go_backwards=self.go_backwards,
             return_sequences=self.return_sequences,
+            input_gradient=record.should_record_backprop([sequences]),
             on_backward=self.execution_stats.record_backward,
         )
         with tf.control_dependencies(

@@ -84,7 +84,8 @@ def measure_step(
     Returns:
         A dict with `step_peak_bytes` (peak allocation during a step above
         what was allocated before it), `peak_bytes` (absolute peak),
-        `step_seconds` (median of `repeats` steps), and for `layer="budget"`
+        `step_seconds` (median of `repeats` steps), `forward_seconds` (median
+        time of the forward pass alone, no gradient), and for `layer="budget"`
         the plan and the executor's counters.
     """
     import keras
@@ -108,6 +109,17 @@ def measure_step(
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
+    @tf.function(jit_compile=jit_compile)
+    def forward(x):
+        return model(x, training=True)
+
+    forward(x).numpy()
+    forward_times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward(x).numpy()
+        forward_times.append(time.perf_counter() - start)
+
     train_step(x, y).numpy()  # trace and warm up
     tf.config.experimental.reset_memory_stats(device)
     before = tf.config.experimental.get_memory_info(device)["current"]
@@ -130,6 +142,7 @@ def measure_step(
         "peak_bytes": int(peak),
         "step_peak_bytes": int(peak - before),
         "step_seconds": sorted(times)[len(times) // 2],
+        "forward_seconds": sorted(forward_times)[len(forward_times) // 2],
     }
     if layer == "budget" and rnn.last_plan is not None:
         plan = rnn.last_plan

@@ -145,10 +145,6 @@ def compile_program(plan):
     )
 
 
-def _hidden_only_scheme(scheme):
-    return "hsm" if scheme == "auto" else scheme
-
-
 @functools.lru_cache(maxsize=256)
 def program_for(length, batch_size, *, budget, scheme, state_bytes, alpha):
     """The cached `Program` for one sequence length and batch size.
@@ -165,7 +161,6 @@ def program_for(length, batch_size, *, budget, scheme, state_bytes, alpha):
         `(plan, program)`.
     """
     slots = budget.to_slots(length, state_bytes * batch_size, alpha)
-    plan = planner.make_plan(
-        length, slots, scheme=_hidden_only_scheme(scheme), alpha=alpha
-    )
+    options = {"internal_states_supported": False} if scheme == "auto" else {}
+    plan = planner.make_plan(length, slots, scheme=scheme, alpha=alpha, **options)
     return plan, compile_program(plan)

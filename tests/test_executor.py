@@ -15,7 +15,8 @@ from rnn_testing import outputs_and_gradients
 @pytest.mark.parametrize(
     "length, budget, scheme",
     [(1, 1, "hsm"), (10, 1, "hsm"), (10, 3, "hsm"), (37, 5, "hsm"),
-     (40, 40, "hsm"), (25, 4, "bisection"), (9, 1, "recompute_all")],
+     (40, 40, "hsm"), (25, 4, "bisection"), (9, 1, "recompute_all"),
+     (50, 14, "chen_sqrt_hidden"), (30, 6, "auto")],
 )
 def test_counts_equal_the_plan(length, budget, scheme):
     layer = MemoryBudgetRNN(keras.layers.GRUCell(3), memory_budget=budget, scheme=scheme)

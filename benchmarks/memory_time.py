@@ -1,0 +1,152 @@
+"""Peak memory and step time of LSTM training steps, side by side.
+
+For each sequence length, measures in one run (each configuration in its own
+subprocess, see `keras_bptt.measure`): `keras.layers.RNN(LSTMCell)`,
+`keras.layers.LSTM`, and `MemoryBudgetRNN(LSTMCell)` at several budgets.
+Ratios are taken against `keras.layers.RNN` measured in the same run, next to
+the ratio the plan predicts, `(cost/t + b) / (1 + b)`, with b the
+backward/forward time ratio of one step measured on `keras.layers.RNN`
+(training step time over forward-only time, minus one).
+
+Writes `benchmarks/results/memory_time.json` and `memory_time.png`.
+
+    python benchmarks/memory_time.py                  # t in 250, 1000, 4000
+    python benchmarks/memory_time.py --lengths 1000 --quick
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_bptt.measure import measure_in_subprocess  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+BUDGETS = (1.0, 0.2, 0.1, 0.05, 0.02)
+
+
+def _configurations(budgets):
+    yield {"layer": "rnn"}
+    yield {"layer": "lstm"}
+    for fraction in budgets:
+        yield {"layer": "budget", "memory_budget": fraction, "scheme": "auto"}
+
+
+def _label(result):
+    if result["layer"] == "rnn":
+        return "keras.layers.RNN(LSTMCell)"
+    if result["layer"] == "lstm":
+        return "keras.layers.LSTM"
+    return f"MemoryBudgetRNN {result['memory_budget']:.0%} ({result['plan_scheme']})"
+
+
+def measured_backward_ratio(reference):
+    """b, the backward/forward time of one step, from keras.layers.RNN.
+
+    A training step runs t forward and t backward steps: `step = t f (1 + b)`;
+    the forward pass alone takes `t f`. So `b = step / forward - 1`.
+    """
+    return reference["step_seconds"] / reference["forward_seconds"] - 1.0
+
+
+def run(lengths, budgets, batch, units, features, repeats):
+    results = []
+    for length in lengths:
+        rows = []
+        for config in _configurations(budgets):
+            config.update(
+                length=length, batch=batch, units=units, features=features,
+                repeats=repeats,
+            )
+            print(f"measuring {config} ...", flush=True)
+            rows.append(measure_in_subprocess(**config))
+        reference = rows[0]
+        b = measured_backward_ratio(reference)
+        for r in rows:
+            r["memory_ratio"] = r["step_peak_bytes"] / reference["step_peak_bytes"]
+            r["time_ratio"] = r["step_seconds"] / reference["step_seconds"]
+            if r["layer"] == "budget":
+                r["backward_ratio"] = b
+                r["predicted_time_ratio"] = (r["plan_cost"] / length + b) / (1 + b)
+        results.extend(rows)
+        print_table(rows)
+    return results
+
+
+def print_table(results):
+    header = (
+        f"{'t':>5} {'layer':<36} {'peak MiB':>9} {'memory':>7} "
+        f"{'s/step':>7} {'time':>6} {'predicted':>9} {'cost/t':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        predicted = r.get("predicted_time_ratio")
+        cost = r.get("plan_cost")
+        print(
+            f"{r['length']:>5} {_label(r):<36} "
+            f"{r['step_peak_bytes'] / 2**20:>9.1f} {r['memory_ratio']:>7.3f} "
+            f"{r['step_seconds']:>7.3f} {r['time_ratio']:>5.2f}x "
+            + (f"{predicted:>8.2f}x " if predicted else f"{'':>9} ")
+            + (f"{cost / r['length']:>7.2f}" if cost else "")
+        )
+
+
+def plot(results, path):
+    lengths = sorted({r["length"] for r in results})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        rows = [r for r in results if r["length"] == length]
+        for r in rows:
+            marker = "s" if r["layer"] != "budget" else "o"
+            ax.scatter(r["step_peak_bytes"] / 2**20, r["step_seconds"], marker=marker)
+            ax.annotate(_label(r).replace("MemoryBudgetRNN ", ""),
+                        (r["step_peak_bytes"] / 2**20, r["step_seconds"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("peak memory of a training step (MiB, log)")
+        ax.set_ylabel("seconds per training step")
+        ax.set_title(f"LSTM, t={length}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[250, 1000, 4000])
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--units", type=int, default=256)
+    parser.add_argument("--features", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default=str(RESULTS / "memory_time"))
+    args = parser.parse_args()
+    results = run(
+        args.lengths, args.budgets, args.batch, args.units, args.features,
+        args.repeats,
+    )
+    print_table(results)
+    output = pathlib.Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+    }
+    output.with_suffix(".json").write_text(
+        json.dumps({"machine": machine, "results": results}, indent=2)
+    )
+    plot(results, output.with_suffix(".png"))
+    print(f"wrote {output.with_suffix('.json')} and {output.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

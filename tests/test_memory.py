@@ -1,0 +1,32 @@
+"""Peak memory of a training step, measured (BFC allocator, subprocesses)."""
+
+import pytest
+
+from keras_bptt.measure import measure_in_subprocess
+
+CONFIG = dict(length=1000, batch=32, units=256, features=32, repeats=1)
+SLOT_BYTES = 2 * 32 * 256 * 4  # an LSTM hidden state (h and c), batch 32
+
+
+@pytest.fixture(scope="module")
+def keras_rnn():
+    return measure_in_subprocess(layer="rnn", **CONFIG)
+
+
+def test_five_percent_budget_uses_at_most_a_tenth_of_keras_rnn(keras_rnn):
+    budgeted = measure_in_subprocess(layer="budget", memory_budget="5%", **CONFIG)
+    ratio = budgeted["step_peak_bytes"] / keras_rnn["step_peak_bytes"]
+    assert ratio <= 0.10, (budgeted["step_peak_bytes"], keras_rnn["step_peak_bytes"])
+    counters = budgeted["counters"]
+    assert counters["measured/peak_stored_slots"] <= budgeted["plan_memory_slots"]
+
+
+def test_memory_grows_with_the_budget_as_the_plan_predicts():
+    small, large = (
+        measure_in_subprocess(layer="budget", memory_budget=slots, **CONFIG)
+        for slots in (20, 220)
+    )
+    stored_slots = large["plan_peak_slots"] - small["plan_peak_slots"]
+    predicted = stored_slots * SLOT_BYTES
+    measured = large["step_peak_bytes"] - small["step_peak_bytes"]
+    assert measured == pytest.approx(predicted, rel=0.15), (measured, predicted)
