@@ -10,14 +10,16 @@ wraps the whole recurrence.
   function whose gradient is overridden, TensorFlow keeps no per-step
   accumulators for it.
 * Its gradient function is one `tf.while_loop` that interprets the plan's
-  backward program one operation per iteration (`tf.switch_case`): recompute a
-  step, store the register in a slot, restore it from a slot, drop a slot, or
-  backpropagate a step (a vector-Jacobian product of the step evaluated under
-  a `tf.GradientTape` from the register).
+  backward program (`keras_bptt.program`), one step evaluation per
+  iteration: restore the register from a slot, then recompute a step or
+  backpropagate one (a vector-Jacobian product of the step evaluated under a
+  `tf.GradientTape` from the register), then store the register in a slot.
 
-The buffer of stored hidden states is a `tf.TensorArray` with exactly
-`Program.hidden_slots` entries, so stored memory is bounded by the budget and
-not by t; graph size and tracing time do not depend on t. When t is unknown
+The buffer of stored hidden states is a `tf.TensorArray` with
+`Program.hidden_slots` entries plus one scratch entry (which absorbs the
+writes of steps that store nothing, so that storing needs no branch), so
+stored memory is bounded by the budget and not by t; graph size and tracing
+time do not depend on t. When t is unknown
 while tracing, the program is fetched at run time (`tf.numpy_function`), so
 one trace serves every length.
 
@@ -34,7 +36,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from keras_bptt import plan as plan_lib
+from keras_bptt import program as program_lib
 
 _COUNTER_DTYPE = tf.int64
 
@@ -44,7 +46,7 @@ class ProgramTensors:
     """A `keras_bptt.program.Program` as tensors (constants or run-time)."""
 
     forward_store: tf.Tensor
-    backward_ops: tf.Tensor
+    instructions: tf.Tensor
     hidden_slots: tf.Tensor
     expected_counts: tf.Tensor
 
@@ -83,8 +85,14 @@ def _write_slot(buffers, slot, states):
     return [b.write(slot, s) for b, s in zip(buffers, states)]
 
 
-def _read_slot(buffers, slot, like):
-    return [tf.ensure_shape(b.read(slot), s.shape) for b, s in zip(buffers, like)]
+def _restore(buffers, slot, register):
+    """`register`, or the buffer's `slot` when `slot >= 0`, without a branch."""
+    restore = slot >= 0
+    safe_slot = tf.maximum(slot, 0)
+    return [
+        tf.where(restore, tf.ensure_shape(b.read(safe_slot), r.shape), r)
+        for b, r in zip(buffers, register)
+    ]
 
 
 def run_recurrence(
@@ -129,7 +137,7 @@ def run_recurrence(
     mask_args = [mask] if has_mask else []
     program_args = [
         program.forward_store,
-        program.backward_ops,
+        program.instructions,
         program.hidden_slots,
     ]
 
@@ -138,7 +146,8 @@ def run_recurrence(
         mask_tensor = args[0] if has_mask else None
         rest = args[len(mask_args) :]
         states0 = list(rest[:num_states])
-        forward_store, backward_ops, hidden_slots = rest[num_states:]
+        forward_store, instructions, hidden_slots = rest[num_states:]
+        scratch_slot = hidden_slots
         length = tf.shape(x)[1]
 
         def time_index(i):
@@ -152,13 +161,9 @@ def run_recurrence(
 
         # The first step runs outside the loop to learn the output signature.
         output0, states1 = step_at(0, states0)
-        buffers = _state_buffers(states0, hidden_slots)
-        buffers = tf.cond(
-            forward_store[0] >= 0,
-            lambda: _write_slot(buffers, forward_store[0], states0),
-            lambda: buffers,
-        )
-        stored = tf.cast(forward_store[0] >= 0, _COUNTER_DTYPE)
+        buffers = _state_buffers(states0, hidden_slots + 1)
+        buffers = _write_slot(buffers, forward_store[0], states0)
+        stored = tf.cast(forward_store[0] != scratch_slot, _COUNTER_DTYPE)
         outputs_ta = tf.TensorArray(
             output0.dtype,
             size=length if return_sequences else 1,
@@ -167,12 +172,8 @@ def run_recurrence(
 
         def forward_body(i, prev_states, states, output, outputs, bufs, n):
             slot = forward_store[i]
-            bufs = tf.cond(
-                slot >= 0,
-                lambda: _write_slot(bufs, slot, states),
-                lambda: bufs,
-            )
-            n += tf.cast(slot >= 0, _COUNTER_DTYPE)
+            bufs = _write_slot(bufs, slot, states)
+            n += tf.cast(slot != scratch_slot, _COUNTER_DTYPE)
             output, new_states = step_at(i, states)
             if return_sequences:
                 outputs = outputs.write(i, output)
@@ -198,7 +199,7 @@ def run_recurrence(
             d_states = [
                 _zeros_like_or(d, s) for d, s in zip(d_final_states, final_states)
             ]
-            num_ops = tf.shape(backward_ops)[0]
+            num_instructions = tf.shape(instructions)[0]
             x_grads = tf.TensorArray(
                 x.dtype,
                 size=length if input_gradient else 0,
@@ -234,62 +235,46 @@ def run_recurrence(
                 return gx, grads[:num_states], grads[num_states:]
 
             def body(k, register, d_register, bufs, dx, dvars, counts):
-                opcode, step, slot = (
-                    backward_ops[k, 0],
-                    backward_ops[k, 1],
-                    backward_ops[k, 2],
+                opcode, step, restore_slot, releases, store_slot = tf.unstack(
+                    instructions[k]
                 )
                 recomputed, backwards, live, peak = counts
+                register = _restore(bufs, restore_slot, register)
+                live -= tf.cast(releases, _COUNTER_DTYPE)
 
-                def do_recompute():
+                def do_nothing():
+                    return register, d_register, dx, dvars, recomputed, backwards
+
+                def do_forward():
                     new_register = recompute(step, register)
-                    return (new_register, d_register, bufs, dx, dvars,
-                            (recomputed + 1, backwards, live, peak))
-
-                def do_store():
-                    new_live = live + 1
-                    return (register, d_register, _write_slot(bufs, slot, register),
-                            dx, dvars,
-                            (recomputed, backwards, new_live,
-                             tf.maximum(peak, new_live)))
-
-                def do_restore():
-                    return (_read_slot(bufs, slot, register), d_register, bufs,
-                            dx, dvars, counts)
-
-                def do_drop():
-                    return (register, d_register, bufs, dx, dvars,
-                            (recomputed, backwards, live - 1, peak))
+                    return (new_register, d_register, dx, dvars, recomputed + 1,
+                            backwards)
 
                 def do_backward():
                     gx, g_states, g_vars = backward(step, register, d_register)
                     new_dx = (
                         dx.write(time_index(step - 1), gx) if input_gradient else dx
                     )
-                    return (register, g_states, bufs, new_dx,
-                            [a + g for a, g in zip(dvars, g_vars)],
-                            (recomputed + 1, backwards + 1, live, peak))
-
-                def unreachable():
-                    # compile_program() rejects plans with internal states.
-                    return register, d_register, bufs, dx, dvars, counts
+                    new_dvars = [a + g for a, g in zip(dvars, g_vars)]
+                    return (register, g_states, new_dx, new_dvars, recomputed + 1,
+                            backwards + 1)
 
                 branches = {
-                    plan_lib.FORWARD: do_recompute,
-                    plan_lib.FORWARD_STORE_INTERNAL: unreachable,
-                    plan_lib.STORE_HIDDEN: do_store,
-                    plan_lib.RESTORE: do_restore,
-                    plan_lib.DROP_HIDDEN: do_drop,
-                    plan_lib.BACKWARD: do_backward,
-                    plan_lib.BACKWARD_INTERNAL: unreachable,
+                    program_lib.EXEC_NOP: do_nothing,
+                    program_lib.EXEC_FORWARD: do_forward,
+                    program_lib.EXEC_BACKWARD: do_backward,
                 }
-                result = tf.switch_case(opcode, branch_fns=branches)
-                register, d_register, bufs, dx, dvars, counts = result
+                register, d_register, dx, dvars, recomputed, backwards = (
+                    tf.switch_case(opcode, branch_fns=branches)
+                )
+                bufs = _write_slot(bufs, store_slot, register)
+                live += tf.cast(store_slot != scratch_slot, _COUNTER_DTYPE)
+                counts = (recomputed, backwards, live, tf.maximum(peak, live))
                 return k + 1, register, d_register, bufs, dx, dvars, counts
 
             zero = tf.zeros([], _COUNTER_DTYPE)
             _, _, d_initial, _, x_grads, var_grads, counts = tf.while_loop(
-                lambda k, *_: k < num_ops,
+                lambda k, *_: k < num_instructions,
                 body,
                 (tf.constant(0), list(prev_states), d_states, buffers, x_grads,
                  var_grads, (zero, zero, stored, stored)),

@@ -238,7 +238,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             program = lookup(static_length, static_batch or 1)
             return executor.ProgramTensors(
                 tf.constant(program.forward_store),
-                tf.constant(program.backward_ops),
+                tf.constant(program.instructions),
                 tf.constant(program.hidden_slots, tf.int32),
                 tf.constant(program.expected_counts),
             )
@@ -247,7 +247,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             program = lookup(t, batch)
             return (
                 program.forward_store,
-                program.backward_ops,
+                program.instructions,
                 np.int32(program.hidden_slots),
                 program.expected_counts,
             )
@@ -258,7 +258,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             [tf.int32, tf.int32, tf.int32, tf.int64],
             stateful=False,
         )
-        for tensor, shape in zip(tensors, ([None], [None, 3], [], [4])):
+        for tensor, shape in zip(tensors, ([None], [None, 5], [], [4])):
             tensor.set_shape(shape)
         return executor.ProgramTensors(*tensors)
 

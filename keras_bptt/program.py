@@ -11,7 +11,18 @@ evaluated from the register (which then holds `h_{i-1}`) under a tape.
 The plan's first forward sweep (every op before its first backward op) runs
 steps 1..t in order; it becomes the layer's forward pass, which computes all
 outputs. Its `STORE_HIDDEN` ops become `forward_store`: the hidden slot that
-receives `h_i` before step `i + 1` runs (-1 for none).
+receives `h_i` before step `i + 1` runs (the scratch slot for none).
+
+The rest becomes `instructions`, one per iteration of the gradient loop, each
+`(opcode, step, restore_slot, releases, store_slot)`: restore the register
+from `restore_slot` (-1: keep it), count `releases` dropped slots, run the
+opcode (`EXEC_NOP`, `EXEC_FORWARD` or `EXEC_BACKWARD` of `step`), then store
+the register in `store_slot` (the scratch slot: store nothing). Folding the
+plan's RESTORE, DROP_HIDDEN and STORE_HIDDEN ops into their neighbouring
+compute op makes the loop run one iteration per step evaluation instead of
+one per plan op, and lets it run without branches for stores and restores:
+the hidden-state buffer has one extra *scratch* slot that absorbs the writes
+of instructions that store nothing.
 
 Known limitation: the forward pass cannot leave the transient internal state
 of step t to the gradient function, so the executor keeps `h_{t-1}` beside the
@@ -30,6 +41,11 @@ import numpy as np
 from keras_bptt import plan as plan_lib
 from keras_bptt import planner
 
+EXEC_NOP = 0
+EXEC_FORWARD = 1
+EXEC_BACKWARD = 2
+NO_RESTORE = -1
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Program:
@@ -38,10 +54,12 @@ class Program:
     Attributes:
         length: Sequence length t.
         forward_store: `int32[t]`; entry i is the hidden slot that receives
-            `h_i` before step `i + 1` is computed, or -1.
-        backward_ops: `int32[n, 3]` rows `(opcode, step, slot)` with the plan's
-            opcodes, `FORWARD i; BACKWARD i` pairs fused into `BACKWARD i`.
-        hidden_slots: Size of the hidden-state buffer.
+            `h_i` before step `i + 1` is computed (`scratch_slot`: none).
+        instructions: `int32[n, 5]` rows `(opcode, step, restore_slot,
+            releases, store_slot)` of the gradient loop (see module doc).
+        hidden_slots: Slots the plan stores at once (the budget's part).
+        scratch_slot: Index of the extra buffer entry absorbing non-stores;
+            the executor allocates `hidden_slots + 1` entries.
         recomputed_steps: Step evaluations the gradient function performs.
         backward_steps: Backward operations (always t).
         peak_stored_units: Peak of stored units (h_0 included).
@@ -49,11 +67,15 @@ class Program:
 
     length: int
     forward_store: np.ndarray
-    backward_ops: np.ndarray
+    instructions: np.ndarray
     hidden_slots: int
     recomputed_steps: int
     backward_steps: int
     peak_stored_units: float
+
+    @property
+    def scratch_slot(self):
+        return self.hidden_slots
 
     @property
     def expected_counts(self):
@@ -81,9 +103,9 @@ def _first_backward_index(ops):
     return int(np.argmax(is_backward))
 
 
-def _forward_store_slots(prefix, length):
+def _forward_store_slots(prefix, length, scratch_slot):
     """The first sweep's `STORE_HIDDEN` ops as a per-step slot table."""
-    forward_store = np.full(length, -1, dtype=np.int32)
+    forward_store = np.full(length, scratch_slot, dtype=np.int32)
     stores = prefix[prefix[:, 0] == plan_lib.STORE_HIDDEN]
     forward_store[stores[:, 1]] = stores[:, 2]
     return forward_store
@@ -98,6 +120,60 @@ def _fuse_forward_backward(suffix):
     keep = np.ones(len(suffix), dtype=bool)
     keep[:-1] = ~(is_forward & next_is_own_backward)
     return suffix[keep]
+
+
+def _last_per_target(targets, values, size, default):
+    """`out[k]` = the last of `values` whose target is k (else `default`)."""
+    out = np.full(size, default, dtype=np.int32)
+    order = np.arange(len(targets))
+    last = np.zeros(size, dtype=np.int64) - 1
+    np.maximum.at(last, targets, order)
+    has = last >= 0
+    out[has] = values[last[has]]
+    return out
+
+
+def _fold_into_instructions(ops, scratch_slot):
+    """Folds RESTORE / DROP_HIDDEN / STORE_HIDDEN into compute instructions.
+
+    RESTOREs and DROPs ride on the next compute op (`restore_slot`, the last
+    RESTORE; `releases`, how many DROPs); a STORE rides on the compute op it
+    directly follows (`store_slot`). Ops after the last compute op form one
+    trailing `EXEC_NOP` instruction. The executor's live-slot count thus goes
+    through the same values as the plan's, in the same order.
+    """
+    opcodes, steps, slots = ops[:, 0], ops[:, 1], ops[:, 2]
+    is_compute = np.isin(opcodes, (plan_lib.FORWARD, plan_lib.BACKWARD))
+    is_store = opcodes == plan_lib.STORE_HIDDEN
+    is_restore = opcodes == plan_lib.RESTORE
+    is_drop = opcodes == plan_lib.DROP_HIDDEN
+    if not np.all(is_compute | is_store | is_restore | is_drop):
+        raise ValueError("The plan has internal-state ops; expected hidden-state ops.")
+    follows_compute = np.r_[False, is_compute[:-1]]
+    if np.any(is_store & ~follows_compute):
+        raise ValueError(
+            "Every STORE_HIDDEN after the forward sweep must directly follow a "
+            "FORWARD or BACKWARD op for the executor to fold it."
+        )
+    computed_so_far = np.cumsum(is_compute)
+    # Index of the instruction each op rides on.
+    target = np.where(is_compute | is_store, computed_so_far - 1, computed_so_far)
+    num_compute = int(computed_so_far[-1]) if len(ops) else 0
+    size = num_compute + int(np.any(target == num_compute))
+
+    instructions = np.zeros((size, 5), dtype=np.int32)
+    compute_rows = target[is_compute]
+    instructions[compute_rows, 0] = np.where(
+        opcodes[is_compute] == plan_lib.BACKWARD, EXEC_BACKWARD, EXEC_FORWARD
+    )
+    instructions[compute_rows, 1] = steps[is_compute]
+    instructions[:, 2] = _last_per_target(
+        target[is_restore], slots[is_restore], size, NO_RESTORE
+    )
+    instructions[:, 3] = np.bincount(target[is_drop], minlength=size)
+    instructions[:, 4] = scratch_slot
+    instructions[target[is_store], 4] = slots[is_store]
+    return instructions
 
 
 def compile_program(plan):
@@ -130,17 +206,18 @@ def compile_program(plan):
             "The plan's first sweep must run steps 1..t in order; got "
             f"{forward_steps[:10]}..."
         )
-    backward_ops = _fuse_forward_backward(suffix)
+    scratch_slot = plan.hidden_slots
+    instructions = _fold_into_instructions(
+        _fuse_forward_backward(suffix), scratch_slot
+    )
     recomputed = int(np.count_nonzero(suffix[:, 0] == plan_lib.FORWARD)) + 1
     return Program(
         length=plan.length,
-        forward_store=_forward_store_slots(prefix, plan.length),
-        backward_ops=np.ascontiguousarray(backward_ops),
+        forward_store=_forward_store_slots(prefix, plan.length, scratch_slot),
+        instructions=instructions,
         hidden_slots=plan.hidden_slots,
         recomputed_steps=recomputed,
-        backward_steps=int(
-            np.count_nonzero(backward_ops[:, 0] == plan_lib.BACKWARD)
-        ),
+        backward_steps=int(np.count_nonzero(instructions[:, 0] == EXEC_BACKWARD)),
         peak_stored_units=plan.peak_memory,
     )
 

@@ -61,16 +61,18 @@ def test_graph_size_and_tracing_time_do_not_grow_with_length():
     assert long_seconds <= 1.5 * short_seconds + 0.05, (short_seconds, long_seconds)
 
 
-def test_program_lowering_fuses_forward_backward_pairs():
+def test_program_lowering_fuses_and_folds_operations():
     from keras_bptt import planner
 
     plan = planner.make_plan(10, 3, scheme="hsm")
     program = program_lib.compile_program(plan)
     assert program.recomputed_steps == plan.cost - 10 + 1
-    stored_before_step = program.forward_store[program.forward_store >= 0]
-    assert len(stored_before_step) <= 3
+    stored = program.forward_store[program.forward_store != program.scratch_slot]
+    assert len(stored) <= 3
     assert program.forward_store[0] == 0  # h_0 is stored first
-    opcodes = program.backward_ops[:, 0]
-    assert (opcodes == 5).sum() == 10  # one BACKWARD per step
-    assert not np.any((opcodes[:-1] == 0) & (opcodes[1:] == 5)
-                      & (program.backward_ops[:-1, 1] == program.backward_ops[1:, 1]))
+    opcodes = program.instructions[:, 0]
+    assert (opcodes == program_lib.EXEC_BACKWARD).sum() == 10
+    # One instruction per step evaluation (+ NOPs carrying leftover drops).
+    evaluations = np.isin(opcodes, [program_lib.EXEC_FORWARD, program_lib.EXEC_BACKWARD])
+    assert evaluations.sum() == program.recomputed_steps
+    assert len(program.instructions) - evaluations.sum() <= 2
