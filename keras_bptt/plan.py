@@ -22,6 +22,8 @@ Each row of `Plan.ops` is `(opcode, step, slot)`:
 |                         | slot `slot` (alpha units). Cost 1.                          |
 | `STORE_HIDDEN`          | copy the register (which holds h_step) to hidden slot.     |
 | `RESTORE`               | register := hidden slot `slot` (which holds h_step).        |
+| `RESTORE_INTERNAL`      | register := h_step, read from internal slot `slot` (which  |
+|                         | holds s_step); the internal state stays stored.             |
 | `DROP_HIDDEN`           | free hidden slot `slot` (which holds h_step).               |
 | `BACKWARD`              | backpropagate step `step` with its transient internal      |
 |                         | state: the previous op must be FORWARD of the same step.   |
@@ -31,6 +33,20 @@ Each row of `Plan.ops` is `(opcode, step, slot)`:
 Hidden and internal slots are separate index spaces; `hidden_slots` and
 `internal_slots` are the buffer sizes an executor must allocate. The first
 op of every plan is `STORE_HIDDEN 0 0` (h_0 in hidden slot 0).
+
+Invariants of every plan the planner emits (checked by
+`keras_bptt.simulator.simulate`):
+
+* The *forward sweep* -- every op before the first `BACKWARD` or
+  `BACKWARD_INTERNAL` (`Plan.forward_sweep_length` ops) -- holds only
+  `FORWARD`, `FORWARD_STORE_INTERNAL` and `STORE_HIDDEN` ops and computes
+  steps 1..t in order, so an executor can run it as the layer's forward pass.
+* Slots are reused last-in first-out: `hidden_slots` and `internal_slots` are
+  the largest numbers of items stored at once.
+* An internal state is freed only by its `BACKWARD_INTERNAL`; the plan ends
+  with `DROP_HIDDEN 0 0`, so nothing is left stored.
+* `RESTORE_INTERNAL` is what lets ISM/MSM restart a sub-sequence from a
+  stored internal state: s_i contains h_i (paper-notes, ISM).
 """
 
 import dataclasses
@@ -44,6 +60,7 @@ RESTORE = 3
 DROP_HIDDEN = 4
 BACKWARD = 5
 BACKWARD_INTERNAL = 6
+RESTORE_INTERNAL = 7
 
 OPCODE_NAMES = {
     FORWARD: "FORWARD",
@@ -53,6 +70,7 @@ OPCODE_NAMES = {
     DROP_HIDDEN: "DROP_HIDDEN",
     BACKWARD: "BACKWARD",
     BACKWARD_INTERNAL: "BACKWARD_INTERNAL",
+    RESTORE_INTERNAL: "RESTORE_INTERNAL",
 }
 
 
@@ -91,6 +109,12 @@ class Plan:
     @property
     def uses_internal_states(self):
         return self.internal_slots > 0
+
+    @property
+    def forward_sweep_length(self):
+        """Number of ops before the first backward op (the forward pass)."""
+        is_backward = np.isin(self.ops[:, 0], (BACKWARD, BACKWARD_INTERNAL))
+        return int(np.argmax(is_backward)) if is_backward.any() else len(self.ops)
 
     def predicted_time_ratio(self, backward_forward_ratio=2.0):
         """Predicted step time relative to standard BPTT.

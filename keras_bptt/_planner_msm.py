@@ -1,0 +1,234 @@
+"""The MSM recursion R(t, m) as a table, with closed forms where they are exact.
+
+Implements the "mixed storage" recursion of
+
+    Gruslys, Munos, Danihelka, Lanctot, Graves
+    Memory-Efficient Backpropagation Through Time
+    NIPS 2016, https://arxiv.org/abs/1606.03401
+
+    R(t, m) = min( t + R(t-1, m),
+                   min_y [y + R(t-y, m-1)     + R(y,   m)],   # store h_y
+                   min_y [y + R(t-y, m-alpha) + R(y-1, m)] )  # store s_y
+
+Unlike C (HSM) and Q (ISM), R is not convex in t, so it has no marginal-count
+closed form and the table is genuinely needed -- but only on a thin strip:
+
+* `m < 1 + alpha` leaves no room for an internal state: R = C, closed form.
+* With `k = floor((m-1)/alpha)` internal slots, no schedule costs less than
+  `max(t, 2t - 1 - k)`: each step is forwarded once by the first sweep, and
+  every step but t is forwarded again unless its internal state was stored
+  during that sweep and is still held when step t is backpropagated, next to
+  h_0 -- at most k of them. ISM reaches that bound for `t <= N_k(2)`
+  (`ism_saturation_length`), so there `R = Q = max(t, 2t - 1 - k)`.
+
+The remaining cells (`1 + alpha <= m` and `t > N_k(2)`, about
+`alpha * sqrt(2t)` columns per row) are filled row by row (t ascending),
+vectorised over m. The same lower bound, `R(s, mu) >= 2s - 1 - k(mu)`,
+limits the splits worth evaluating: a hidden split y can only beat a known
+upper bound U if `y <= U - 2t + S(m) + S(m-1) - 1` (S = k + 1), an internal
+one if `y <= U - 2t + 1 + S(m) + S(m-alpha)`. U comes from the no-storage
+branch and from each column's previous optimal split (splits move slowly
+with t, so that guess is usually optimal and the bound is tight).
+
+Known limitations:
+
+* The table costs `O(t^2 * alpha * sqrt(t))` time in the worst case (budgets
+  just below the closed-form strip); `estimated_work` predicts it so the
+  planner can refuse tables that would take more than a few seconds.
+* alpha must be an integer here (`keras_bptt.planner` rounds it up).
+"""
+
+import collections
+
+import numpy as np
+
+from keras_bptt import _planner_closed_form as closed_form
+
+HIDDEN = 0
+INTERNAL = 1
+_COLUMN_GROUP = 64
+
+
+_RECENT_TABLES = collections.deque(maxlen=4)
+
+
+def certified_internal_slots(length):
+    """Smallest k with `N_k(2) = (k+3)(k+2)/2 - 1 >= t`: `R = Q` from there.
+
+    Works on an int or elementwise on an integer array.
+    """
+    lengths = np.asarray(length, dtype=np.int64)
+    k = np.maximum(0, np.ceil((np.sqrt(8.0 * lengths + 9.0) - 5.0) / 2.0))
+    k = k.astype(np.int64)
+    k += (k + 3) * (k + 2) // 2 - 1 < lengths  # float rounding, either way
+    k -= (k > 0) & ((k + 2) * (k + 1) // 2 - 1 >= lengths)
+    return int(k) if k.ndim == 0 else k
+
+
+def table_width(length, memory, alpha):
+    """Columns (memory values) of the table a (t, m) problem needs.
+
+    0 when closed forms answer it: a problem with `m <= alpha` has only HSM
+    sub-problems, and ISM's optimal splits keep a certified problem's
+    sub-problems certified.
+    """
+    certified = certified_internal_slots(length)
+    if memory <= alpha or (memory - 1) // alpha >= certified:
+        return 0
+    return min(memory, alpha * certified)
+
+
+def estimated_work(length, width, alpha):
+    """Split evaluations of the unpruned table fill (an upper bound)."""
+    rows = np.arange(2, length + 1, dtype=np.int64)
+    last_column = np.minimum(width, alpha * certified_internal_slots(rows))
+    return int(2 * np.sum((rows - 1) * np.clip(last_column - alpha, 0, None)))
+
+
+def shared_table(length, width, alpha):
+    """A table covering (t, width), reused across plans (CLI curves, layers)."""
+    if width <= alpha:
+        return MsmTable(length, width, alpha)  # closed forms only: nothing to fill
+    for table in _RECENT_TABLES:
+        if table.alpha == alpha and table.covers(length, width):
+            return table
+    table = MsmTable(length, width, alpha)
+    _RECENT_TABLES.append(table)
+    return table
+
+
+class MsmTable:
+    """`R(t, m)` for `t <= length` and integer memory `m` (alpha integer).
+
+    Attributes:
+        length: Largest t covered.
+        width: Largest m held in the table; larger m are in ISM's closed form
+            for every `t <= length`.
+        alpha: Internal-state size in memory units (an int).
+    """
+
+    def __init__(self, length, width, alpha):
+        self.length = length
+        self.width = width
+        self.alpha = alpha
+        self._table = _fill_table(length, width, alpha)
+
+    def covers(self, length, width):
+        return length <= self.length and width <= self.width
+
+    def cost(self, length, memory):
+        """`R(t, m)`."""
+        if length == 0:
+            return 0
+        if memory <= self.alpha:
+            return closed_form.hsm_cost(length, memory)
+        k = (memory - 1) // self.alpha
+        if k >= certified_internal_slots(length):
+            return max(length, 2 * length - 1 - k)
+        return int(self._table[memory, length])
+
+    def split(self, length, memory):
+        """An optimal first action at (t, m) as `(HIDDEN | INTERNAL, y)`.
+
+        `(INTERNAL, t)` stores nothing: forward to t and backpropagate it.
+        """
+        if memory == 1 or length == 1:
+            return INTERNAL, length
+        if memory <= self.alpha:
+            return HIDDEN, closed_form.hsm_split(length, memory)
+        k = (memory - 1) // self.alpha
+        if k >= certified_internal_slots(length):
+            return INTERNAL, closed_form.ism_split(length, k)
+        return _optimal_table_split(self._table, length, memory, self.alpha)
+
+
+def _optimal_table_split(table, length, memory, alpha):
+    """Backtracks one cell: the first branch and split that attain R(t, m)."""
+    n, m, splits = length, memory, np.arange(1, length)
+    hidden = splits + table[m, 1:n] + table[m - 1, n - 1 : 0 : -1]
+    internal = splits + table[m - alpha, n - 1 : 0 : -1] + table[m, : n - 1]
+    target = table[m, n]
+    if n + table[m, n - 1] == target:
+        return INTERNAL, n
+    for kind, values in ((HIDDEN, hidden), (INTERNAL, internal)):
+        (attaining,) = np.nonzero(values == target)
+        if len(attaining):
+            return kind, int(splits[attaining[0]])
+    raise AssertionError(f"MSM table inconsistent at t={n}, m={m}")
+
+
+def _fill_table(length, width, alpha):
+    """Fills `table[m, t] = R(t, m)` for `t <= length`, `m <= width`.
+
+    Returns None when `width <= alpha`: then every cell has a closed form.
+    """
+    if width <= alpha:
+        return None
+    dtype = np.int32 if length * (length + 1) < 2**30 else np.int64
+    table = np.zeros((width + 1, length + 1), dtype=dtype)
+    table[0] = np.iinfo(dtype).max // 4  # m = 0 is never feasible
+    hsm_columns = min(alpha, width)
+    for m in range(1, hsm_columns + 1):
+        table[m] = [closed_form.hsm_cost(n, m) for n in range(length + 1)]
+    memory = np.arange(width + 1)
+    first_sweep_bound = 1 + (memory - 1) // alpha  # S(m) = k + 1
+    # left_hidden[m, y] = y + R(y, m); left_internal[m, y] = y + R(y - 1, m).
+    left_hidden = np.zeros_like(table)
+    left_internal = np.zeros_like(table)
+    left_internal[:, 1] = 1
+    guesses = (np.ones(width + 1, np.int64), np.ones(width + 1, np.int64))
+    scratch = np.empty(length * (width + 1), dtype=dtype)
+    for n in range(1, length + 1):
+        column = table[:, n]
+        last_table_column = min(width, alpha * certified_internal_slots(n))
+        closed = max(hsm_columns, last_table_column) + 1
+        k = (memory[closed:] - 1) // alpha
+        column[closed:] = np.maximum(n, 2 * n - 1 - k)
+        if n >= 2 and last_table_column > alpha:
+            columns = memory[alpha + 1 : last_table_column + 1]
+            column[columns] = _fill_row(
+                table, left_hidden, left_internal, n, columns, alpha,
+                first_sweep_bound, guesses, scratch,
+            )
+        left_hidden[:, n] = n + column
+        if n < length:
+            left_internal[:, n + 1] = n + 1 + column
+    return table
+
+
+def _fill_row(table, left_hidden, left_internal, n, columns, alpha,
+              first_sweep_bound, guesses, scratch):
+    """R(n, m) for the table columns of row n (rows < n already filled)."""
+    guess_hidden, guess_internal = guesses
+    y_hidden = np.minimum(guess_hidden[columns], n - 1)
+    y_internal = np.minimum(guess_internal[columns], n - 1)
+    best = np.minimum(
+        n + table[columns, n - 1],
+        np.minimum(
+            left_hidden[columns, y_hidden] + table[columns - 1, n - y_hidden],
+            left_internal[columns, y_internal]
+            + table[columns - alpha, n - y_internal],
+        ),
+    )
+    bound = first_sweep_bound
+    branches = (
+        (left_hidden, 1, guess_hidden, bound[columns - 1] - 1),
+        (left_internal, alpha, guess_internal, bound[columns - alpha] + 1),
+    )
+    for left, shift, guess, bound_offset in branches:
+        last_useful_split = best - 2 * n + bound[columns] + bound_offset
+        for start in range(0, len(columns), _COLUMN_GROUP):
+            group = slice(start, start + _COLUMN_GROUP)
+            splits = min(n - 1, int(last_useful_split[group].max()))
+            if splits < 1:
+                continue
+            m0, m1 = columns[group][0], columns[group][-1] + 1
+            values = scratch[: (m1 - m0) * splits].reshape(m1 - m0, splits)
+            right = table[m0 - shift : m1 - shift, n - splits : n][:, ::-1]
+            np.add(left[m0:m1, 1 : splits + 1], right, out=values)
+            argmin = values.argmin(axis=1)
+            found = values[np.arange(m1 - m0), argmin]
+            better = found < best[group]
+            best[group] = np.where(better, found, best[group])
+            guess[m0:m1] = np.where(better, argmin + 1, guess[m0:m1])
+    return best
