@@ -21,6 +21,7 @@ import pathlib
 import platform
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -37,6 +38,7 @@ def _configurations(budgets):
     yield {"layer": "lstm"}
     for fraction in budgets:
         yield {"layer": "budget", "memory_budget": fraction, "scheme": "auto"}
+    yield {"layer": "budget", "memory_budget": 0.05, "scheme": "chen_sqrt_hidden"}
 
 
 def _label(result):
@@ -111,6 +113,7 @@ def plot(results, path):
                         (r["step_peak_bytes"] / 2**20, r["step_seconds"]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("peak memory of a training step (MiB, log)")
         ax.set_ylabel("seconds per training step")
         ax.set_title(f"LSTM, t={length}")
@@ -128,13 +131,22 @@ def main():
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default=str(RESULTS / "memory_time"))
+    parser.add_argument(
+        "--replot", action="store_true",
+        help="Only reprint the table and redraw the figure from the JSON.",
+    )
     args = parser.parse_args()
+    output = pathlib.Path(args.output)
+    if args.replot:
+        results = json.loads(output.with_suffix(".json").read_text())["results"]
+        print_table(results)
+        plot(results, output.with_suffix(".png"))
+        return
     results = run(
         args.lengths, args.budgets, args.batch, args.units, args.features,
         args.repeats,
     )
     print_table(results)
-    output = pathlib.Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     machine = {
         "platform": platform.platform(),

@@ -4,14 +4,17 @@ The adding problem (Hochreiter & Schmidhuber, 1997): each input step carries
 a random number and a marker; exactly two steps are marked, and the target is
 the sum of their numbers. The data is generated here; nothing is downloaded.
 
-The script trains `MemoryBudgetRNN(LSTMCell)` with `model.fit`, then runs a
-few batches of `keras.layers.RNN(LSTMCell)` with the same weights and prints
-both layers' peak memory per training batch and time per batch.
+The script trains `MemoryBudgetRNN(LSTMCell)` with `model.fit`, writing
+TensorBoard logs (measured counters, device memory, the plan and its
+schedule) with `keras_bptt.callbacks.BudgetMonitor`, then runs a few batches
+of `keras.layers.RNN(LSTMCell)` with the same weights and prints both layers'
+peak memory per training batch and time per batch.
 
 Run:
 
     python examples/long_sequence.py            # t=1000, budget 5%
     python examples/long_sequence.py --length 4000 --budget 2%
+    tensorboard --logdir logs/long_sequence     # then open http://localhost:6006
 """
 
 import argparse
@@ -28,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from keras_bptt import MemoryBudgetRNN  # noqa: E402
 from keras_bptt.callbacks import BatchMemoryUsage  # noqa: E402
+from keras_bptt.callbacks import BudgetMonitor  # noqa: E402
 
 
 def adding_problem(samples, length, seed=0):
@@ -64,6 +68,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--compare-batches", type=int, default=4)
+    parser.add_argument("--log-dir", default="logs/long_sequence")
     args = parser.parse_args()
 
     keras.utils.set_random_seed(0)
@@ -77,7 +82,8 @@ def main():
         keras.layers.LSTMCell(args.units), memory_budget=args.budget
     )
     model = build_model(budgeted, args.length)
-    usage = BatchMemoryUsage()
+    usage = BudgetMonitor(args.log_dir)
+    print(f"TensorBoard logs: {os.path.abspath(args.log_dir)}")
     model.fit(
         x, y, batch_size=args.batch_size, epochs=args.epochs, callbacks=[usage]
     )
@@ -109,6 +115,7 @@ def main():
         f"Memory: {100 * (1 - ours_mb / ref_mb):.1f}% less; "
         f"time: {ours_s / ref_s:.2f}x."
     )
+    print(f"See it in TensorBoard: tensorboard --logdir {args.log_dir}")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,30 @@ COUNTERS = (
 )
 
 
+def _variable(dtype):
+    # ONLY_FIRST_REPLICA: under tf.distribute every replica runs the same
+    # plan on its own share of the batch; the counters are per replica.
+    return tf.Variable(
+        tf.zeros([], dtype),
+        trainable=False,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
+
+
 class ExecutionStats:
     """Measured and planned counts of a layer's last forward/backward pass.
+
+    Under `tf.distribute`, the values are those of one replica (the budget
+    is per replica, and every replica runs the same plan).
 
     Attributes:
         measured: Dict of `tf.Variable`s named after `COUNTERS`, written by
             the executor (the backward counters by the gradient function).
         planned: Dict of `tf.Variable`s with the plan's predictions.
+        plan_cost: The plan's cost (forward ops, paper's model).
+        budget_slots: The budget in hidden-state slots.
+        slot_bytes: Bytes of one stored hidden state (whole batch).
+        alpha: The internal/hidden size ratio the plan used.
         executions: Number of backward passes run since creation.
 
     Example:
@@ -33,24 +50,34 @@ class ExecutionStats:
 
     def __init__(self):
         with tf.init_scope():
-            self.measured = {
-                name: tf.Variable(0, dtype=tf.int64, trainable=False)
-                for name in COUNTERS
-            }
-            self.planned = {
-                name: tf.Variable(0, dtype=tf.int64, trainable=False)
-                for name in COUNTERS
-            }
-            self.executions = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self.measured = {name: _variable(tf.int64) for name in COUNTERS}
+            self.planned = {name: _variable(tf.int64) for name in COUNTERS}
+            self.plan_cost = _variable(tf.int64)
+            self.budget_slots = _variable(tf.float64)
+            self.slot_bytes = _variable(tf.int64)
+            self.alpha = _variable(tf.float64)
+            self.executions = _variable(tf.int64)
 
-    def record_planned(self, expected):
-        """Assigns the plan's predicted counts (`int64[4]`, COUNTERS order)."""
-        return tf.group(
-            [
-                self.planned[name].assign(expected[i])
-                for i, name in enumerate(COUNTERS)
-            ]
-        )
+    def record_planned(self, expected, plan_facts, slot_bytes, alpha):
+        """Assigns the plan's predictions.
+
+        Args:
+            expected: `int64[4]`, predicted counts in `COUNTERS` order.
+            plan_facts: `float64[2]`, the plan's cost and budget in slots.
+            slot_bytes: Bytes of one stored hidden state.
+            alpha: The alpha the plan used.
+        """
+        assigns = [
+            self.planned[name].assign(expected[i])
+            for i, name in enumerate(COUNTERS)
+        ]
+        assigns += [
+            self.plan_cost.assign(tf.cast(plan_facts[0], tf.int64)),
+            self.budget_slots.assign(plan_facts[1]),
+            self.slot_bytes.assign(tf.cast(slot_bytes, tf.int64)),
+            self.alpha.assign(tf.cast(alpha, tf.float64)),
+        ]
+        return tf.group(assigns)
 
     def record_forward(self, counts):
         """Assigns the forward pass's counts (an `ExecutionCounts`)."""
@@ -69,10 +96,25 @@ class ExecutionStats:
         )
 
     def as_dict(self):
-        """The current values as Python ints, keyed `measured/...`, `planned/...`."""
+        """The current values, keyed `measured/...`, `planned/...` and more.
+
+        `measured/peak_stored_bytes` and `planned/peak_stored_bytes` are the
+        peak stored slots times the bytes of one slot.
+        """
         values = {f"measured/{k}": int(v.numpy()) for k, v in self.measured.items()}
         values.update(
             {f"planned/{k}": int(v.numpy()) for k, v in self.planned.items()}
         )
-        values["executions"] = int(self.executions.numpy())
+        slot_bytes = int(self.slot_bytes.numpy())
+        for kind in ("measured", "planned"):
+            values[f"{kind}/peak_stored_bytes"] = (
+                values[f"{kind}/peak_stored_slots"] * slot_bytes
+            )
+        values.update(
+            plan_cost=int(self.plan_cost.numpy()),
+            budget_slots=float(self.budget_slots.numpy()),
+            slot_bytes=slot_bytes,
+            alpha=float(self.alpha.numpy()),
+            executions=int(self.executions.numpy()),
+        )
         return values

@@ -49,6 +49,7 @@ class ProgramTensors:
     instructions: tf.Tensor
     hidden_slots: tf.Tensor
     expected_counts: tf.Tensor
+    plan_facts: tf.Tensor
 
 
 @dataclasses.dataclass

@@ -241,6 +241,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 tf.constant(program.instructions),
                 tf.constant(program.hidden_slots, tf.int32),
                 tf.constant(program.expected_counts),
+                tf.constant(program.plan_facts),
             )
 
         def numpy_lookup(t, batch):
@@ -250,15 +251,16 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 program.instructions,
                 np.int32(program.hidden_slots),
                 program.expected_counts,
+                program.plan_facts,
             )
 
         tensors = tf.numpy_function(
             numpy_lookup,
             [length, batch_size],
-            [tf.int32, tf.int32, tf.int32, tf.int64],
+            [tf.int32, tf.int32, tf.int32, tf.int64, tf.float64],
             stateful=False,
         )
-        for tensor, shape in zip(tensors, ([None], [None, 5], [], [4])):
+        for tensor, shape in zip(tensors, ([None], [None, 5], [], [4], [2])):
             tensor.set_shape(shape)
         return executor.ProgramTensors(*tensors)
 
@@ -286,10 +288,12 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 tf.zeros_like(flat_states[0][:, :1])
                 * tf.zeros([output_size], flat_states[0].dtype)
             ]
+        state_bytes = cell_memory.per_sample_bytes(flat_states)
+        batch_size = sequences.shape[0] or tf.shape(sequences)[0]
         program = self._program_tensors(
             sequences.shape[1] or tf.shape(sequences)[1],
-            sequences.shape[0] or tf.shape(sequences)[0],
-            cell_memory.per_sample_bytes(flat_states),
+            batch_size,
+            state_bytes,
             alpha,
         )
         outputs, final_states, forward_counts = executor.run_recurrence(
@@ -305,7 +309,12 @@ class MemoryBudgetRNN(keras.layers.RNN):
         )
         with tf.control_dependencies(
             [
-                self.execution_stats.record_planned(program.expected_counts),
+                self.execution_stats.record_planned(
+                    program.expected_counts,
+                    program.plan_facts,
+                    slot_bytes=state_bytes * tf.cast(batch_size, tf.int64),
+                    alpha=alpha,
+                ),
                 self.execution_stats.record_forward(forward_counts),
             ]
         ):

@@ -72,6 +72,13 @@ class Program:
     recomputed_steps: int
     backward_steps: int
     peak_stored_units: float
+    plan_cost: int = 0
+    budget_slots: float = 0.0
+
+    @property
+    def plan_facts(self):
+        """`float64[2]`: the plan's cost and the budget in slots."""
+        return np.array([self.plan_cost, self.budget_slots], dtype=np.float64)
 
     @property
     def scratch_slot(self):
@@ -240,4 +247,7 @@ def program_for(length, batch_size, *, budget, scheme, state_bytes, alpha):
     slots = budget.to_slots(length, state_bytes * batch_size, alpha)
     options = {"internal_states_supported": False} if scheme == "auto" else {}
     plan = planner.make_plan(length, slots, scheme=scheme, alpha=alpha, **options)
-    return plan, compile_program(plan)
+    program = dataclasses.replace(
+        compile_program(plan), plan_cost=plan.cost, budget_slots=float(slots)
+    )
+    return plan, program
