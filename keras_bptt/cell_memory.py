@@ -109,3 +109,25 @@ def estimate_alpha(step_fn, step_input, states):
     if hidden == 0:
         return 1.0
     return max(1.0, used_bytes[0] / hidden)
+
+
+def internal_alpha(forward_fn, step_input, states):
+    """alpha of a cell with internal states: their bytes over the states'.
+
+    Args:
+        forward_fn: `forward_fn(x_t, states) -> (output, new_states, internal)`.
+        step_input: One time step of input, `[batch, ...]`.
+        states: Flat list of state tensors `[batch, ...]`.
+
+    Returns:
+        The ratio of per-sample bytes, a float.
+    """
+
+    def spec(t):
+        return tf.TensorSpec([None] + t.shape[1:].as_list(), t.dtype)
+
+    traced = tf.function(
+        lambda x, s: forward_fn(x, s)[2], autograph=False
+    ).get_concrete_function(spec(step_input), [spec(s) for s in states])
+    internal = tf.nest.flatten(traced.structured_outputs)
+    return per_sample_bytes(internal) / max(per_sample_bytes(states), 1)

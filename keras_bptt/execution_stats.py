@@ -12,6 +12,7 @@ COUNTERS = (
     "recomputed_steps",
     "backward_steps",
     "peak_stored_slots",
+    "peak_stored_internal",
 )
 
 
@@ -52,6 +53,8 @@ class ExecutionStats:
         with tf.init_scope():
             self.measured = {name: _variable(tf.int64) for name in COUNTERS}
             self.planned = {name: _variable(tf.int64) for name in COUNTERS}
+            self.peak_stored_bytes = _variable(tf.int64)
+            self.planned_peak_units = _variable(tf.float64)
             self.plan_cost = _variable(tf.int64)
             self.budget_slots = _variable(tf.float64)
             self.slot_bytes = _variable(tf.int64)
@@ -62,8 +65,9 @@ class ExecutionStats:
         """Assigns the plan's predictions.
 
         Args:
-            expected: `int64[4]`, predicted counts in `COUNTERS` order.
-            plan_facts: `float64[2]`, the plan's cost and budget in slots.
+            expected: `int64[5]`, predicted counts in `COUNTERS` order.
+            plan_facts: `float64[3]`, the plan's cost, budget in slots and
+                predicted peak in hidden-state units.
             slot_bytes: Bytes of one stored hidden state.
             alpha: The alpha the plan used.
         """
@@ -74,6 +78,7 @@ class ExecutionStats:
         assigns += [
             self.plan_cost.assign(tf.cast(plan_facts[0], tf.int64)),
             self.budget_slots.assign(plan_facts[1]),
+            self.planned_peak_units.assign(plan_facts[2]),
             self.slot_bytes.assign(tf.cast(slot_bytes, tf.int64)),
             self.alpha.assign(tf.cast(alpha, tf.float64)),
         ]
@@ -84,6 +89,8 @@ class ExecutionStats:
         return tf.group(
             self.measured["forward_steps"].assign(counts.forward_steps),
             self.measured["peak_stored_slots"].assign(counts.peak_stored_slots),
+            self.measured["peak_stored_internal"].assign(counts.peak_stored_internal),
+            self.peak_stored_bytes.assign(counts.peak_stored_bytes),
         )
 
     def record_backward(self, counts):
@@ -92,24 +99,27 @@ class ExecutionStats:
             self.measured["recomputed_steps"].assign(counts.recomputed_steps),
             self.measured["backward_steps"].assign(counts.backward_steps),
             self.measured["peak_stored_slots"].assign(counts.peak_stored_slots),
+            self.measured["peak_stored_internal"].assign(counts.peak_stored_internal),
+            self.peak_stored_bytes.assign(counts.peak_stored_bytes),
             self.executions.assign_add(1),
         )
 
     def as_dict(self):
         """The current values, keyed `measured/...`, `planned/...` and more.
 
-        `measured/peak_stored_bytes` and `planned/peak_stored_bytes` are the
-        peak stored slots times the bytes of one slot.
+        `measured/peak_stored_bytes` is counted by the executor (hidden and
+        internal states at their byte sizes); `planned/peak_stored_bytes` is
+        the plan's peak in hidden-state units times the bytes of one slot.
         """
         values = {f"measured/{k}": int(v.numpy()) for k, v in self.measured.items()}
         values.update(
             {f"planned/{k}": int(v.numpy()) for k, v in self.planned.items()}
         )
         slot_bytes = int(self.slot_bytes.numpy())
-        for kind in ("measured", "planned"):
-            values[f"{kind}/peak_stored_bytes"] = (
-                values[f"{kind}/peak_stored_slots"] * slot_bytes
-            )
+        values["measured/peak_stored_bytes"] = int(self.peak_stored_bytes.numpy())
+        values["planned/peak_stored_bytes"] = int(
+            round(float(self.planned_peak_units.numpy()) * slot_bytes)
+        )
         values.update(
             plan_cost=int(self.plan_cost.numpy()),
             budget_slots=float(self.budget_slots.numpy()),

@@ -46,8 +46,10 @@ class ProgramTensors:
     """A `keras_bptt.program.Program` as tensors (constants or run-time)."""
 
     forward_store: tf.Tensor
+    forward_internal: tf.Tensor
     instructions: tf.Tensor
     hidden_slots: tf.Tensor
+    internal_slots: tf.Tensor
     expected_counts: tf.Tensor
     plan_facts: tf.Tensor
 
@@ -60,6 +62,40 @@ class ExecutionCounts:
     recomputed_steps: tf.Tensor
     backward_steps: tf.Tensor
     peak_stored_slots: tf.Tensor
+    peak_stored_internal: tf.Tensor
+    peak_stored_bytes: tf.Tensor
+
+
+class InternalSteps:
+    """What the executor needs to store and use internal states (ISM/MSM).
+
+    Implementations (see `keras_bptt.layer`) wrap a cell's
+    `keras_bptt.internal_states.InternalStateStep` with the layer's masking.
+
+    Attributes:
+        variables: The `tf.Variable`s whose gradients `backward` returns.
+    """
+
+    variables = ()
+
+    def forward(self, x_t, mask_t, states):
+        """`(output, new_states, internal)`: one step keeping its internal state."""
+        raise NotImplementedError
+
+    def backward(self, internal, mask_t, d_output, d_new_states):
+        """`(dx, d_states, d_variables)` of one step from its internal state."""
+        raise NotImplementedError
+
+    def restore(self, internal):
+        """The step's new states, from its internal state alone."""
+        raise NotImplementedError
+
+
+def _nbytes(tensors):
+    return tf.add_n(
+        [tf.size(t, out_type=tf.int64) * t.dtype.size for t in tensors]
+        + [tf.zeros([], tf.int64)]
+    )
 
 
 def _batch_major(tensor):
@@ -86,6 +122,10 @@ def _write_slot(buffers, slot, states):
     return [b.write(slot, s) for b, s in zip(buffers, states)]
 
 
+def _read_slot(buffers, slot, like):
+    return [tf.ensure_shape(b.read(slot), r.shape) for b, r in zip(buffers, like)]
+
+
 def _restore(buffers, slot, register):
     """`register`, or the buffer's `slot` when `slot >= 0`, without a branch."""
     restore = slot >= 0
@@ -106,6 +146,7 @@ def run_recurrence(
     go_backwards=False,
     return_sequences=False,
     input_gradient=True,
+    internal_steps=None,
     on_backward=None,
 ):
     """Runs a recurrence whose backward pass follows a memory plan.
@@ -126,6 +167,8 @@ def run_recurrence(
         input_gradient: Whether to compute the gradient of `inputs`. Skipping
             it when nothing needs it (raw model inputs) saves a `[batch, t,
             ...]` buffer.
+        internal_steps: An `InternalSteps` for the cell, required by plans
+            that store internal states (ISM, MSM); `None` otherwise.
         on_backward: Optional callback receiving the gradient function's
             `ExecutionCounts`; it may return an op to run (e.g. assigns).
 
@@ -138,60 +181,83 @@ def run_recurrence(
     mask_args = [mask] if has_mask else []
     program_args = [
         program.forward_store,
+        program.forward_internal,
         program.instructions,
         program.hidden_slots,
+        program.internal_slots,
     ]
+    with_internal = internal_steps is not None
 
     @tf.custom_gradient
     def recurrence(x, *args):
         mask_tensor = args[0] if has_mask else None
         rest = args[len(mask_args) :]
         states0 = list(rest[:num_states])
-        forward_store, instructions, hidden_slots = rest[num_states:]
-        scratch_slot = hidden_slots
+        (forward_store, forward_internal, instructions, hidden_slots,
+         internal_slots) = rest[num_states:]
+        scratch_slot, internal_scratch = hidden_slots, internal_slots
         length = tf.shape(x)[1]
 
         def time_index(i):
             # Reading x[:, j] in place avoids a reversed or time-major copy.
             return length - 1 - i if go_backwards else i
 
-        def step_at(i, states):
+        def inputs_at(i):
             j = time_index(i)
-            mask_t = None if mask_tensor is None else mask_tensor[:, j]
-            return step_fn(x[:, j], mask_t, states)
+            return x[:, j], None if mask_tensor is None else mask_tensor[:, j]
+
+        def step_at(i, states):
+            """`(output, new_states, internal)`; internal is [] without ISM."""
+            x_t, mask_t = inputs_at(i)
+            if with_internal:
+                return internal_steps.forward(x_t, mask_t, states)
+            return (*step_fn(x_t, mask_t, states), [])
 
         # The first step runs outside the loop to learn the output signature.
-        output0, states1 = step_at(0, states0)
+        output0, states1, internal0 = step_at(0, states0)
+        hidden_bytes, internal_bytes = _nbytes(states0), _nbytes(internal0)
         buffers = _state_buffers(states0, hidden_slots + 1)
         buffers = _write_slot(buffers, forward_store[0], states0)
-        stored = tf.cast(forward_store[0] != scratch_slot, _COUNTER_DTYPE)
+        internal_buffers = _state_buffers(internal0, internal_slots + 1)
+        internal_buffers = _write_slot(
+            internal_buffers, forward_internal[0], internal0
+        )
+        stored = (
+            tf.cast(forward_store[0] != scratch_slot, _COUNTER_DTYPE),
+            tf.cast(forward_internal[0] != internal_scratch, _COUNTER_DTYPE),
+        )
         outputs_ta = tf.TensorArray(
             output0.dtype,
             size=length if return_sequences else 1,
             element_shape=output0.shape,
         ).write(0, output0)
 
-        def forward_body(i, prev_states, states, output, outputs, bufs, n):
+        def forward_body(i, prev_states, states, output, outputs, bufs, ibufs, n):
             slot = forward_store[i]
             bufs = _write_slot(bufs, slot, states)
-            n += tf.cast(slot != scratch_slot, _COUNTER_DTYPE)
-            output, new_states = step_at(i, states)
+            output, new_states, internal = step_at(i, states)
+            internal_slot = forward_internal[i]
+            ibufs = _write_slot(ibufs, internal_slot, internal)
+            n = (
+                n[0] + tf.cast(slot != scratch_slot, _COUNTER_DTYPE),
+                n[1] + tf.cast(internal_slot != internal_scratch, _COUNTER_DTYPE),
+            )
             if return_sequences:
                 outputs = outputs.write(i, output)
-            return i + 1, states, new_states, output, outputs, bufs, n
+            return i + 1, states, new_states, output, outputs, bufs, ibufs, n
 
-        _, prev_states, final_states, last_output, outputs_ta, buffers, stored = (
-            tf.while_loop(
-                lambda i, *_: i < length,
-                forward_body,
-                (tf.constant(1), states0, states1, output0, outputs_ta,
-                 buffers, stored),
-            )
+        (_, prev_states, final_states, last_output, outputs_ta, buffers,
+         internal_buffers, stored) = tf.while_loop(
+            lambda i, *_: i < length,
+            forward_body,
+            (tf.constant(1), states0, states1, output0, outputs_ta, buffers,
+             internal_buffers, stored),
         )
         outputs = (
             _batch_major(outputs_ta.stack()) if return_sequences else last_output
         )
-        forward_counts = (tf.cast(length, _COUNTER_DTYPE), stored)
+        stored_bytes = stored[0] * hidden_bytes + stored[1] * internal_bytes
+        forward_counts = (tf.cast(length, _COUNTER_DTYPE), *stored, stored_bytes)
 
         def grad_fn(d_outputs, *d_rest, variables=None):
             variables = list(variables or [])
@@ -218,9 +284,7 @@ def run_recurrence(
                 return step_at(step - 1, register)[1]
 
             def backward(step, register, d_register):
-                j = time_index(step - 1)
-                x_t = x[:, j]
-                mask_t = None if mask_tensor is None else mask_tensor[:, j]
+                x_t, mask_t = inputs_at(step - 1)
                 x_sources = [x_t] if input_gradient else []
                 with tf.GradientTape() as tape:
                     tape.watch(x_sources + list(register))
@@ -235,60 +299,117 @@ def run_recurrence(
                 gx = grads.pop(0) if input_gradient else None
                 return gx, grads[:num_states], grads[num_states:]
 
-            def body(k, register, d_register, bufs, dx, dvars, counts):
-                opcode, step, restore_slot, releases, store_slot = tf.unstack(
-                    instructions[k]
+            def backward_from_internal(step, internal, d_register):
+                _, mask_t = inputs_at(step - 1)
+                gx, g_states, g_internal_vars = internal_steps.backward(
+                    internal, mask_t, output_cotangent(step), d_register
                 )
-                recomputed, backwards, live, peak = counts
+                position = {
+                    v.ref(): i for i, v in enumerate(internal_steps.variables)
+                }
+                g_vars = [
+                    g_internal_vars[position[v.ref()]]
+                    if v.ref() in position
+                    else tf.zeros_like(v)
+                    for v in variables
+                ]
+                return gx, list(g_states), g_vars
+
+            def body(k, register, d_register, bufs, ibufs, dx, dvars, counts):
+                (opcode, step, restore_slot, restore_internal, releases,
+                 store_slot, internal_slot) = tf.unstack(instructions[k])
+                (recomputed, backwards, live, live_internal, peak, peak_internal,
+                 peak_bytes) = counts
                 register = _restore(bufs, restore_slot, register)
+                if with_internal:
+                    register = tf.cond(
+                        restore_internal >= 0,
+                        lambda: list(internal_steps.restore(_read_slot(
+                            ibufs, tf.maximum(restore_internal, 0), internal0))),
+                        lambda: register,
+                    )
                 live -= tf.cast(releases, _COUNTER_DTYPE)
 
-                def do_nothing():
-                    return register, d_register, dx, dvars, recomputed, backwards
-
-                def do_forward():
-                    new_register = recompute(step, register)
-                    return (new_register, d_register, dx, dvars, recomputed + 1,
-                            backwards)
-
-                def do_backward():
-                    gx, g_states, g_vars = backward(step, register, d_register)
+                def accumulate(gx, g_states, g_vars):
                     new_dx = (
                         dx.write(time_index(step - 1), gx) if input_gradient else dx
                     )
-                    new_dvars = [a + g for a, g in zip(dvars, g_vars)]
-                    return (register, g_states, new_dx, new_dvars, recomputed + 1,
-                            backwards + 1)
+                    return g_states, new_dx, [a + g for a, g in zip(dvars, g_vars)]
+
+                def do_nothing():
+                    return (register, d_register, ibufs, dx, dvars, recomputed,
+                            backwards, live_internal)
+
+                def do_forward():
+                    return (recompute(step, register), d_register, ibufs, dx,
+                            dvars, recomputed + 1, backwards, live_internal)
+
+                def do_backward():
+                    g_states, new_dx, new_dvars = accumulate(
+                        *backward(step, register, d_register)
+                    )
+                    return (register, g_states, ibufs, new_dx, new_dvars,
+                            recomputed + 1, backwards + 1, live_internal)
+
+                def do_forward_store_internal():
+                    _, new_register, internal = step_at(step - 1, register)
+                    return (new_register, d_register,
+                            _write_slot(ibufs, internal_slot, internal), dx, dvars,
+                            recomputed + 1, backwards, live_internal + 1)
+
+                def do_backward_internal():
+                    internal = _read_slot(ibufs, internal_slot, internal0)
+                    g_states, new_dx, new_dvars = accumulate(
+                        *backward_from_internal(step, internal, d_register)
+                    )
+                    return (register, g_states, ibufs, new_dx, new_dvars,
+                            recomputed, backwards + 1, live_internal - 1)
 
                 branches = {
                     program_lib.EXEC_NOP: do_nothing,
                     program_lib.EXEC_FORWARD: do_forward,
                     program_lib.EXEC_BACKWARD: do_backward,
                 }
-                register, d_register, dx, dvars, recomputed, backwards = (
-                    tf.switch_case(opcode, branch_fns=branches)
-                )
+                if with_internal:
+                    branches[program_lib.EXEC_FORWARD_STORE_INTERNAL] = (
+                        do_forward_store_internal
+                    )
+                    branches[program_lib.EXEC_BACKWARD_INTERNAL] = (
+                        do_backward_internal
+                    )
+                (register, d_register, ibufs, dx, dvars, recomputed, backwards,
+                 live_internal) = tf.switch_case(opcode, branch_fns=branches)
                 bufs = _write_slot(bufs, store_slot, register)
                 live += tf.cast(store_slot != scratch_slot, _COUNTER_DTYPE)
-                counts = (recomputed, backwards, live, tf.maximum(peak, live))
-                return k + 1, register, d_register, bufs, dx, dvars, counts
+                live_bytes = live * hidden_bytes + live_internal * internal_bytes
+                counts = (
+                    recomputed, backwards, live, live_internal,
+                    tf.maximum(peak, live), tf.maximum(peak_internal, live_internal),
+                    tf.maximum(peak_bytes, live_bytes),
+                )
+                return k + 1, register, d_register, bufs, ibufs, dx, dvars, counts
 
             zero = tf.zeros([], _COUNTER_DTYPE)
-            _, _, d_initial, _, x_grads, var_grads, counts = tf.while_loop(
+            _, _, d_initial, _, _, x_grads, var_grads, counts = tf.while_loop(
                 lambda k, *_: k < num_instructions,
                 body,
-                (tf.constant(0), list(prev_states), d_states, buffers, x_grads,
-                 var_grads, (zero, zero, stored, stored)),
+                (tf.constant(0), list(prev_states), d_states, buffers,
+                 internal_buffers, x_grads, var_grads,
+                 (zero, zero, *stored, *stored, stored_bytes)),
             )
             side_effects = []
             if on_backward is not None:
-                recomputed, backwards, _, peak = counts
+                recomputed, backwards, _, _, peak, peak_internal, peak_bytes = (
+                    counts
+                )
                 op = on_backward(
                     ExecutionCounts(
                         forward_steps=tf.cast(length, _COUNTER_DTYPE),
                         recomputed_steps=recomputed,
                         backward_steps=backwards,
                         peak_stored_slots=peak,
+                        peak_stored_internal=peak_internal,
+                        peak_stored_bytes=peak_bytes,
                     )
                 )
                 if op is not None:
@@ -311,7 +432,9 @@ def run_recurrence(
         return (outputs, *final_states, *forward_counts), grad_fn
 
     results = recurrence(inputs, *mask_args, *initial_states, *program_args)
-    forward_steps, stored = results[1 + num_states :]
+    forward_steps, stored, stored_internal, stored_bytes = results[1 + num_states :]
     zero = tf.zeros([], _COUNTER_DTYPE)
-    counts = ExecutionCounts(forward_steps, zero, zero, stored)
+    counts = ExecutionCounts(
+        forward_steps, zero, zero, stored, stored_internal, stored_bytes
+    )
     return results[0], list(results[1 : 1 + num_states]), counts

@@ -1,7 +1,5 @@
 """`MemoryBudgetRNN`: `keras.layers.RNN` with budgeted backpropagation."""
 
-import contextlib
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -11,10 +9,12 @@ from keras_bptt import budget as budget_lib
 from keras_bptt import cell_memory
 from keras_bptt import execution_stats
 from keras_bptt import executor
+from keras_bptt import internal_states
 from keras_bptt import planner
 from keras_bptt import program as program_lib
+from keras_bptt import steps as steps_lib
 
-LAYER_SCHEMES = ("auto",) + planner.HIDDEN_STATE_SCHEMES
+LAYER_SCHEMES = ("auto",) + planner.SCHEMES
 
 
 def _require_tensorflow_backend():
@@ -27,53 +27,25 @@ def _require_tensorflow_backend():
         )
 
 
-def _validate_scheme(scheme):
+def _stores_internal_states(scheme):
+    return scheme not in ("auto",) + planner.HIDDEN_STATE_SCHEMES
+
+
+def _validate_scheme(scheme, cell):
     if scheme not in LAYER_SCHEMES:
         raise ValueError(
             f"Unknown scheme {scheme!r} for MemoryBudgetRNN. Expected one of "
             f"{LAYER_SCHEMES}."
         )
-    return scheme
-
-
-def _dropout_cells(cell):
-    """The `DropoutRNNCell`s inside `cell` (itself, or a stack's cells)."""
-    if isinstance(cell, keras.layers.StackedRNNCells):
-        return [c for inner in cell.cells for c in _dropout_cells(inner)]
-    if hasattr(cell, "get_dropout_mask"):
-        return [cell]
-    return []
-
-
-@contextlib.contextmanager
-def _fixed_dropout_masks(cells_and_masks):
-    """Makes each cell use the given masks, restoring its cache afterwards.
-
-    Keras samples a cell's dropout masks once per call of the layer and
-    resets them when the call returns; the gradient function runs later and
-    must recompute steps with the very masks of the forward pass.
-    """
-    saved = []
-    for cell, dropout_mask, recurrent_mask in cells_and_masks:
-        saved.append(
-            (
-                cell,
-                getattr(cell, "_dropout_mask", None),
-                getattr(cell, "_recurrent_dropout_mask", None),
+    if _stores_internal_states(scheme):
+        reason = internal_states.unsupported_reason(cell)
+        if reason is not None:
+            raise ValueError(
+                f"scheme={scheme!r} stores internal states, which this cell "
+                f"cannot provide: {reason} Use scheme='hsm' (works with any "
+                "cell) or scheme='auto'."
             )
-        )
-        cell._dropout_mask = dropout_mask
-        cell._recurrent_dropout_mask = recurrent_mask
-    try:
-        yield
-    finally:
-        for cell, dropout_mask, recurrent_mask in saved:
-            cell._dropout_mask = dropout_mask
-            cell._recurrent_dropout_mask = recurrent_mask
-
-
-def _expand_like(mask_t, tensor):
-    return tf.reshape(mask_t, [-1] + [1] * (tensor.shape.rank - 1))
+    return scheme
 
 
 @keras.saving.register_keras_serializable(package="keras_bptt")
@@ -159,7 +131,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             **kwargs,
         )
         self.memory_budget = memory_budget
-        self.scheme = _validate_scheme(scheme)
+        self.scheme = _validate_scheme(scheme, self.cell)
         self._alpha = None
         self.last_plan = None
         self.execution_stats = execution_stats.ExecutionStats()
@@ -169,55 +141,22 @@ class MemoryBudgetRNN(keras.layers.RNN):
         """The parsed `keras_bptt.budget.Budget`."""
         return self._budget
 
-    def _cell_kwargs(self, training):
-        if isinstance(self.cell, keras.layers.Layer) and getattr(
-            self.cell, "_call_has_training_arg", False
-        ):
-            return {"training": training}
-        return {}
-
-    def _make_step_fn(self, state_structure, training, carry_output):
-        cell_kwargs = self._cell_kwargs(training)
-        num_cell_states = len(keras.tree.flatten(state_structure))
-        cells_and_masks = [
-            (c, c._dropout_mask, c._recurrent_dropout_mask)
-            for c in _dropout_cells(self.cell)
-        ]
-
-        def step(x_t, mask_t, flat_states):
-            states = keras.tree.pack_sequence_as(
-                state_structure, flat_states[:num_cell_states]
-            )
-            with _fixed_dropout_masks(cells_and_masks):
-                output, new_states = self.cell(x_t, states, **cell_kwargs)
-            new_states = keras.tree.flatten(new_states)
-            if mask_t is None:
-                return output, new_states
-            new_states = [
-                tf.where(_expand_like(mask_t, new), new, old)
-                for new, old in zip(new_states, flat_states)
-            ]
-            if carry_output:
-                output = tf.where(
-                    _expand_like(mask_t, output), output, flat_states[-1]
-                )
-                new_states.append(output)
-            else:
-                output = tf.where(
-                    _expand_like(mask_t, output), output, tf.zeros_like(output)
-                )
-            return output, new_states
-
-        return step
-
-    def _cell_alpha(self, step_fn, step_input, flat_states):
+    def _cell_alpha(self, steps, internal_steps, step_input, flat_states):
+        """alpha: exact for internal-state cells, else autodiff's measured."""
         if self._alpha is None:
-            self._alpha = cell_memory.estimate_alpha(
-                lambda x, s: step_fn(x, None, s), step_input, flat_states
-            )
+            if internal_steps is not None:
+                self._alpha = cell_memory.internal_alpha(
+                    lambda x, s: internal_steps.forward(x, None, s),
+                    step_input,
+                    flat_states,
+                )
+            else:
+                self._alpha = cell_memory.estimate_alpha(
+                    lambda x, s: steps.step(x, None, s), step_input, flat_states
+                )
         return self._alpha
 
-    def _program_tensors(self, length, batch_size, state_bytes, alpha):
+    def _program_tensors(self, length, batch_size, state_bytes, alpha, internal):
         def lookup(t, batch):
             plan, program = program_lib.program_for(
                 int(t),
@@ -226,6 +165,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 scheme=self.scheme,
                 state_bytes=state_bytes,
                 alpha=alpha,
+                internal_states_supported=internal,
             )
             self.last_plan = plan
             return program
@@ -238,8 +178,10 @@ class MemoryBudgetRNN(keras.layers.RNN):
             program = lookup(static_length, static_batch or 1)
             return executor.ProgramTensors(
                 tf.constant(program.forward_store),
+                tf.constant(program.forward_internal),
                 tf.constant(program.instructions),
                 tf.constant(program.hidden_slots, tf.int32),
+                tf.constant(program.internal_slots, tf.int32),
                 tf.constant(program.expected_counts),
                 tf.constant(program.plan_facts),
             )
@@ -248,8 +190,10 @@ class MemoryBudgetRNN(keras.layers.RNN):
             program = lookup(t, batch)
             return (
                 program.forward_store,
+                program.forward_internal,
                 program.instructions,
                 np.int32(program.hidden_slots),
+                np.int32(program.internal_slots),
                 program.expected_counts,
                 program.plan_facts,
             )
@@ -257,10 +201,12 @@ class MemoryBudgetRNN(keras.layers.RNN):
         tensors = tf.numpy_function(
             numpy_lookup,
             [length, batch_size],
-            [tf.int32, tf.int32, tf.int32, tf.int64, tf.float64],
+            [tf.int32] * 5 + [tf.int64, tf.float64],
             stateful=False,
         )
-        for tensor, shape in zip(tensors, ([None], [None, 5], [], [4], [2])):
+        width = program_lib.INSTRUCTION_WIDTH
+        shapes = ([None], [None], [None, width], [], [], [5], [3])
+        for tensor, shape in zip(tensors, shapes):
             tensor.set_shape(shape)
         return executor.ProgramTensors(*tensors)
 
@@ -269,9 +215,17 @@ class MemoryBudgetRNN(keras.layers.RNN):
             return super().inner_loop(sequences, initial_state, mask, training)
         if not keras.tree.is_nested(initial_state):
             initial_state = [initial_state]
-        flat_states = keras.tree.flatten(initial_state)
+        # Stateful layers pass their state variables: read them once here.
+        flat_states = [
+            tf.convert_to_tensor(s) for s in keras.tree.flatten(initial_state)
+        ]
         carry_output = mask is not None and not self.zero_output_for_mask
-        step_fn = self._make_step_fn(initial_state, training, carry_output)
+        steps = steps_lib.CellSteps(self.cell, initial_state, training, carry_output)
+        internal_steps = None
+        if self.scheme == "auto" or _stores_internal_states(self.scheme):
+            cell_step = internal_states.internal_state_step(self.cell)
+            if cell_step is not None:
+                internal_steps = steps.internal(cell_step)
 
         mask_bool = None
         if mask is not None:
@@ -279,7 +233,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             if mask_bool.shape.rank == 3:
                 mask_bool = mask_bool[..., 0]
 
-        alpha = self._cell_alpha(step_fn, sequences[:, 0], flat_states)
+        cell_states = flat_states
         if carry_output:
             output_size = getattr(self.cell, "output_size", None) or (
                 self.state_size[0]
@@ -288,6 +242,9 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 tf.zeros_like(flat_states[0][:, :1])
                 * tf.zeros([output_size], flat_states[0].dtype)
             ]
+        alpha = self._cell_alpha(steps, internal_steps, sequences[:, 0], cell_states)
+        if mask is not None and internal_steps is not None:
+            alpha += 1.0  # masked internal states also hold the new states
         state_bytes = cell_memory.per_sample_bytes(flat_states)
         batch_size = sequences.shape[0] or tf.shape(sequences)[0]
         program = self._program_tensors(
@@ -295,9 +252,10 @@ class MemoryBudgetRNN(keras.layers.RNN):
             batch_size,
             state_bytes,
             alpha,
+            internal_steps is not None,
         )
         outputs, final_states, forward_counts = executor.run_recurrence(
-            step_fn,
+            steps.step,
             sequences,
             flat_states,
             program,
@@ -305,6 +263,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             go_backwards=self.go_backwards,
             return_sequences=self.return_sequences,
             input_gradient=record.should_record_backprop([sequences]),
+            internal_steps=internal_steps,
             on_backward=self.execution_stats.record_backward,
         )
         with tf.control_dependencies(

@@ -11,17 +11,22 @@ evaluated from the register (which then holds `h_{i-1}`) under a tape.
 The plan's first forward sweep (every op before its first backward op) runs
 steps 1..t in order; it becomes the layer's forward pass, which computes all
 outputs. Its `STORE_HIDDEN` ops become `forward_store`: the hidden slot that
-receives `h_i` before step `i + 1` runs (the scratch slot for none).
+receives `h_i` before step `i + 1` runs; its `FORWARD_STORE_INTERNAL` ops
+become `forward_internal`: the internal slot that receives `s_{i+1}` (the
+scratch slots for none).
 
 The rest becomes `instructions`, one per iteration of the gradient loop, each
-`(opcode, step, restore_slot, releases, store_slot)`: restore the register
-from `restore_slot` (-1: keep it), count `releases` dropped slots, run the
-opcode (`EXEC_NOP`, `EXEC_FORWARD` or `EXEC_BACKWARD` of `step`), then store
-the register in `store_slot` (the scratch slot: store nothing). Folding the
-plan's RESTORE, DROP_HIDDEN and STORE_HIDDEN ops into their neighbouring
+`(opcode, step, restore_slot, restore_internal_slot, releases, store_slot,
+internal_slot)`: restore the register from hidden slot `restore_slot` or
+from internal slot `restore_internal_slot` (-1: keep it), count `releases`
+dropped hidden slots, run the opcode (`EXEC_NOP`, `EXEC_FORWARD`,
+`EXEC_BACKWARD`, `EXEC_FORWARD_STORE_INTERNAL` or `EXEC_BACKWARD_INTERNAL`
+of `step`, the last two on `internal_slot`), then store the register in
+`store_slot` (the scratch slot: store nothing). Folding the plan's RESTORE,
+RESTORE_INTERNAL, DROP_HIDDEN and STORE_HIDDEN ops into their neighbouring
 compute op makes the loop run one iteration per step evaluation instead of
-one per plan op, and lets it run without branches for stores and restores:
-the hidden-state buffer has one extra *scratch* slot that absorbs the writes
+one per plan op, and lets it run without branches for hidden stores and
+restores: each buffer has one extra *scratch* slot that absorbs the writes
 of instructions that store nothing.
 
 Known limitation: the forward pass cannot leave the transient internal state
@@ -44,7 +49,17 @@ from keras_bptt import planner
 EXEC_NOP = 0
 EXEC_FORWARD = 1
 EXEC_BACKWARD = 2
+EXEC_FORWARD_STORE_INTERNAL = 3
+EXEC_BACKWARD_INTERNAL = 4
 NO_RESTORE = -1
+INSTRUCTION_WIDTH = 7
+
+_EXEC_OPCODES = {
+    plan_lib.FORWARD: EXEC_FORWARD,
+    plan_lib.BACKWARD: EXEC_BACKWARD,
+    plan_lib.FORWARD_STORE_INTERNAL: EXEC_FORWARD_STORE_INTERNAL,
+    plan_lib.BACKWARD_INTERNAL: EXEC_BACKWARD_INTERNAL,
+}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -55,11 +70,14 @@ class Program:
         length: Sequence length t.
         forward_store: `int32[t]`; entry i is the hidden slot that receives
             `h_i` before step `i + 1` is computed (`scratch_slot`: none).
-        instructions: `int32[n, 5]` rows `(opcode, step, restore_slot,
-            releases, store_slot)` of the gradient loop (see module doc).
-        hidden_slots: Slots the plan stores at once (the budget's part).
-        scratch_slot: Index of the extra buffer entry absorbing non-stores;
-            the executor allocates `hidden_slots + 1` entries.
+        forward_internal: `int32[t]`; entry i is the internal slot that
+            receives `s_{i+1}` (`internal_scratch_slot`: none).
+        instructions: `int32[n, 7]` rows of the gradient loop (module doc).
+        hidden_slots: Hidden slots the plan stores at once.
+        internal_slots: Internal slots the plan stores at once.
+        scratch_slot: Index of the extra hidden buffer entry absorbing
+            non-stores; the executor allocates `hidden_slots + 1` entries
+            (likewise `internal_scratch_slot`, `internal_slots + 1`).
         recomputed_steps: Step evaluations the gradient function performs.
         backward_steps: Backward operations (always t).
         peak_stored_units: Peak of stored units (h_0 included).
@@ -67,8 +85,10 @@ class Program:
 
     length: int
     forward_store: np.ndarray
+    forward_internal: np.ndarray
     instructions: np.ndarray
     hidden_slots: int
+    internal_slots: int
     recomputed_steps: int
     backward_steps: int
     peak_stored_units: float
@@ -77,25 +97,39 @@ class Program:
 
     @property
     def plan_facts(self):
-        """`float64[2]`: the plan's cost and the budget in slots."""
-        return np.array([self.plan_cost, self.budget_slots], dtype=np.float64)
+        """`float64[3]`: the plan's cost, budget (slots) and peak (units)."""
+        return np.array(
+            [self.plan_cost, self.budget_slots, self.peak_stored_units],
+            dtype=np.float64,
+        )
 
     @property
     def scratch_slot(self):
         return self.hidden_slots
 
     @property
-    def expected_counts(self):
-        """`int64[4]`: forward, recomputed, backward steps, peak stored slots.
+    def internal_scratch_slot(self):
+        return self.internal_slots
 
-        In the order of `keras_bptt.execution_stats.COUNTERS`.
+    @property
+    def uses_internal_states(self):
+        return self.internal_slots > 0
+
+    @property
+    def expected_counts(self):
+        """`int64[5]`: predicted values of `execution_stats.COUNTERS`.
+
+        Forward, recomputed and backward steps, peak stored hidden states and
+        peak stored internal states (slots are reused last-in first-out, so
+        the buffer sizes are the peaks).
         """
         return np.array(
             [
                 self.length,
                 self.recomputed_steps,
                 self.backward_steps,
-                int(np.ceil(self.peak_stored_units)),
+                self.hidden_slots,
+                self.internal_slots,
             ],
             dtype=np.int64,
         )
@@ -116,6 +150,14 @@ def _forward_store_slots(prefix, length, scratch_slot):
     stores = prefix[prefix[:, 0] == plan_lib.STORE_HIDDEN]
     forward_store[stores[:, 1]] = stores[:, 2]
     return forward_store
+
+
+def _forward_internal_slots(prefix, length, scratch_slot):
+    """The first sweep's `FORWARD_STORE_INTERNAL` ops as a per-step table."""
+    forward_internal = np.full(length, scratch_slot, dtype=np.int32)
+    stores = prefix[prefix[:, 0] == plan_lib.FORWARD_STORE_INTERNAL]
+    forward_internal[stores[:, 1] - 1] = stores[:, 2]
+    return forward_internal
 
 
 def _fuse_forward_backward(suffix):
@@ -140,27 +182,25 @@ def _last_per_target(targets, values, size, default):
     return out
 
 
-def _fold_into_instructions(ops, scratch_slot):
-    """Folds RESTORE / DROP_HIDDEN / STORE_HIDDEN into compute instructions.
+def _fold_into_instructions(ops, scratch_slot, internal_scratch_slot):
+    """Folds restores, drops and hidden stores into compute instructions.
 
-    RESTOREs and DROPs ride on the next compute op (`restore_slot`, the last
-    RESTORE; `releases`, how many DROPs); a STORE rides on the compute op it
-    directly follows (`store_slot`). Ops after the last compute op form one
-    trailing `EXEC_NOP` instruction. The executor's live-slot count thus goes
-    through the same values as the plan's, in the same order.
+    RESTOREs, RESTORE_INTERNALs and DROPs ride on the next compute op (the
+    last restore of either kind wins; `releases` counts the DROPs); a STORE
+    rides on the compute op it directly follows. Ops after the last compute
+    op form one trailing `EXEC_NOP` instruction. The executor's live-slot
+    counts thus go through the same values as the plan's, in the same order.
     """
     opcodes, steps, slots = ops[:, 0], ops[:, 1], ops[:, 2]
-    is_compute = np.isin(opcodes, (plan_lib.FORWARD, plan_lib.BACKWARD))
+    is_compute = np.isin(opcodes, list(_EXEC_OPCODES))
     is_store = opcodes == plan_lib.STORE_HIDDEN
-    is_restore = opcodes == plan_lib.RESTORE
+    is_restore = np.isin(opcodes, (plan_lib.RESTORE, plan_lib.RESTORE_INTERNAL))
     is_drop = opcodes == plan_lib.DROP_HIDDEN
-    if not np.all(is_compute | is_store | is_restore | is_drop):
-        raise ValueError("The plan has internal-state ops; expected hidden-state ops.")
     follows_compute = np.r_[False, is_compute[:-1]]
     if np.any(is_store & ~follows_compute):
         raise ValueError(
             "Every STORE_HIDDEN after the forward sweep must directly follow a "
-            "FORWARD or BACKWARD op for the executor to fold it."
+            "compute op for the executor to fold it."
         )
     computed_so_far = np.cumsum(is_compute)
     # Index of the instruction each op rides on.
@@ -168,18 +208,29 @@ def _fold_into_instructions(ops, scratch_slot):
     num_compute = int(computed_so_far[-1]) if len(ops) else 0
     size = num_compute + int(np.any(target == num_compute))
 
-    instructions = np.zeros((size, 5), dtype=np.int32)
+    instructions = np.zeros((size, INSTRUCTION_WIDTH), dtype=np.int32)
     compute_rows = target[is_compute]
-    instructions[compute_rows, 0] = np.where(
-        opcodes[is_compute] == plan_lib.BACKWARD, EXEC_BACKWARD, EXEC_FORWARD
-    )
+    instructions[compute_rows, 0] = [_EXEC_OPCODES[o] for o in opcodes[is_compute]]
     instructions[compute_rows, 1] = steps[is_compute]
-    instructions[:, 2] = _last_per_target(
-        target[is_restore], slots[is_restore], size, NO_RESTORE
+    # The last restore per instruction, as (kind, slot).
+    restore_index = np.full(size, -1, dtype=np.int64)
+    np.maximum.at(restore_index, target[is_restore], np.nonzero(is_restore)[0])
+    has_restore = restore_index >= 0
+    chosen = restore_index[has_restore]
+    hidden_restore = opcodes[chosen] == plan_lib.RESTORE
+    instructions[:, 2] = NO_RESTORE
+    instructions[:, 3] = NO_RESTORE
+    rows = np.nonzero(has_restore)[0]
+    instructions[rows[hidden_restore], 2] = slots[chosen[hidden_restore]]
+    instructions[rows[~hidden_restore], 3] = slots[chosen[~hidden_restore]]
+    instructions[:, 4] = np.bincount(target[is_drop], minlength=size)
+    instructions[:, 5] = scratch_slot
+    instructions[target[is_store], 5] = slots[is_store]
+    instructions[:, 6] = internal_scratch_slot
+    internal = np.isin(
+        opcodes, (plan_lib.FORWARD_STORE_INTERNAL, plan_lib.BACKWARD_INTERNAL)
     )
-    instructions[:, 3] = np.bincount(target[is_drop], minlength=size)
-    instructions[:, 4] = scratch_slot
-    instructions[target[is_store], 4] = slots[is_store]
+    instructions[target[internal], 6] = slots[internal]
     return instructions
 
 
@@ -187,7 +238,7 @@ def compile_program(plan):
     """Lowers a hidden-state plan to a `Program` for the TensorFlow executor.
 
     Args:
-        plan: A `keras_bptt.plan.Plan` whose ops use hidden states only.
+        plan: A `keras_bptt.plan.Plan`.
 
     Returns:
         A `Program`.
@@ -200,52 +251,70 @@ def compile_program(plan):
     16
     """
     ops = np.asarray(plan.ops, dtype=np.int32)
-    if plan.uses_internal_states:
-        raise ValueError(
-            f"Plan scheme {plan.scheme!r} stores internal states; this "
-            "executor runs hidden-state plans only. Use scheme='hsm'."
-        )
     first_backward = _first_backward_index(ops)
     prefix, suffix = ops[:first_backward], ops[first_backward:]
-    forward_steps = prefix[prefix[:, 0] == plan_lib.FORWARD, 1]
+    forwards = (plan_lib.FORWARD, plan_lib.FORWARD_STORE_INTERNAL)
+    forward_steps = prefix[np.isin(prefix[:, 0], forwards), 1]
     if not np.array_equal(forward_steps, np.arange(1, plan.length + 1)):
         raise ValueError(
             "The plan's first sweep must run steps 1..t in order; got "
             f"{forward_steps[:10]}..."
         )
-    scratch_slot = plan.hidden_slots
+    if prefix[-1, 0] != plan_lib.FORWARD:
+        raise ValueError("The plan's first sweep must end with FORWARD t.")
+    scratch_slot, internal_scratch_slot = plan.hidden_slots, plan.internal_slots
     instructions = _fold_into_instructions(
-        _fuse_forward_backward(suffix), scratch_slot
+        _fuse_forward_backward(suffix), scratch_slot, internal_scratch_slot
     )
-    recomputed = int(np.count_nonzero(suffix[:, 0] == plan_lib.FORWARD)) + 1
+    recomputed = int(np.count_nonzero(np.isin(suffix[:, 0], forwards))) + 1
+    backward = np.isin(instructions[:, 0], (EXEC_BACKWARD, EXEC_BACKWARD_INTERNAL))
     return Program(
         length=plan.length,
         forward_store=_forward_store_slots(prefix, plan.length, scratch_slot),
+        forward_internal=_forward_internal_slots(
+            prefix, plan.length, internal_scratch_slot
+        ),
         instructions=instructions,
         hidden_slots=plan.hidden_slots,
+        internal_slots=plan.internal_slots,
         recomputed_steps=recomputed,
-        backward_steps=int(np.count_nonzero(instructions[:, 0] == EXEC_BACKWARD)),
+        backward_steps=int(np.count_nonzero(backward)),
         peak_stored_units=plan.peak_memory,
     )
 
 
 @functools.lru_cache(maxsize=256)
-def program_for(length, batch_size, *, budget, scheme, state_bytes, alpha):
+def program_for(
+    length,
+    batch_size,
+    *,
+    budget,
+    scheme,
+    state_bytes,
+    alpha,
+    internal_states_supported=False,
+):
     """The cached `Program` for one sequence length and batch size.
 
     Args:
         length: Sequence length t.
         batch_size: Batch size (turns per-sample state bytes into bytes).
         budget: A `keras_bptt.budget.Budget`.
-        scheme: Planner scheme name (hidden-state schemes only here).
+        scheme: Planner scheme name, or `"auto"`.
         state_bytes: Bytes of one sample's hidden state.
-        alpha: Internal/hidden size ratio (used by fraction budgets).
+        alpha: Internal/hidden size ratio.
+        internal_states_supported: Whether `"auto"` may pick schemes that
+            store internal states.
 
     Returns:
         `(plan, program)`.
     """
     slots = budget.to_slots(length, state_bytes * batch_size, alpha)
-    options = {"internal_states_supported": False} if scheme == "auto" else {}
+    options = (
+        {"internal_states_supported": internal_states_supported}
+        if scheme == "auto"
+        else {}
+    )
     plan = planner.make_plan(length, slots, scheme=scheme, alpha=alpha, **options)
     program = dataclasses.replace(
         compile_program(plan), plan_cost=plan.cost, budget_slots=float(slots)

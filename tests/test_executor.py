@@ -29,7 +29,7 @@ def test_counts_equal_the_plan(length, budget, scheme):
     assert stats["measured/forward_steps"] + stats["measured/recomputed_steps"] == plan.cost + 1
     assert stats["measured/peak_stored_slots"] == plan.peak_memory
     assert stats["measured/peak_stored_slots"] <= budget
-    for name in ("forward_steps", "recomputed_steps", "backward_steps", "peak_stored_slots"):
+    for name in ("forward_steps", "recomputed_steps", "backward_steps", "peak_stored_slots", "peak_stored_internal"):
         assert stats[f"measured/{name}"] == stats[f"planned/{name}"], name
 
 

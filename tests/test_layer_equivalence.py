@@ -162,3 +162,16 @@ def test_stateful_layers_carry_state_identically():
         )
     for a, b in zip(reference.states, budgeted.states):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [2, "5%"])
+def test_long_sequence_in_graph_mode(budget):
+    x = _inputs(300)
+    reference, budgeted = make_pair(
+        CELLS["lstm"], budget, (BATCH, 300, FEATURES), return_sequences=True
+    )
+    expected = tf.function(lambda x: outputs_and_gradients(reference, x))(x)
+    actual = tf.function(lambda x: outputs_and_gradients(budgeted, x))(x)
+    assert_same_results(expected, actual)
+    assert budgeted.last_plan.length == 300
+    assert budgeted.execution_stats.as_dict()["measured/backward_steps"] == 300

@@ -1,0 +1,190 @@
+"""One recurrent step of a Keras cell, as `keras.layers.RNN` runs it.
+
+The executor (`keras_bptt.executor`) evaluates steps many times: in the
+forward pass, in recomputations, and under tapes. `CellSteps` gives it pure
+step functions over flat state lists that reproduce `keras.layers.RNN`'s
+loop body exactly:
+
+* the cell's dropout masks are the ones Keras sampled for this call
+  (`keras.layers.RNN` samples them before its loop and resets them after; the
+  gradient function runs later and must reuse them);
+* masking follows `keras.backend.rnn`: a masked step keeps the previous
+  states, and its output is the previous output (carried as an extra state)
+  or zeros with `zero_output_for_mask`.
+
+`CellSteps.internal` additionally wraps a cell's
+`keras_bptt.internal_states.InternalStateStep` with the same masking, for
+plans that store internal states (ISM/MSM of Gruslys et al., NIPS 2016).
+With a mask, the internal state also holds the step's masked new states, so
+that restoring from it needs no mask.
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+from keras_bptt import executor
+
+
+def _dropout_cells(cell):
+    """The `DropoutRNNCell`s inside `cell` (itself, or a stack's cells)."""
+    if isinstance(cell, keras.layers.StackedRNNCells):
+        return [c for inner in cell.cells for c in _dropout_cells(inner)]
+    if hasattr(cell, "get_dropout_mask"):
+        return [cell]
+    return []
+
+
+@contextlib.contextmanager
+def _fixed_dropout_masks(cells_and_masks):
+    """Makes each cell use the given masks, restoring its cache afterwards."""
+    saved = []
+    for cell, dropout_mask, recurrent_mask in cells_and_masks:
+        saved.append(
+            (
+                cell,
+                getattr(cell, "_dropout_mask", None),
+                getattr(cell, "_recurrent_dropout_mask", None),
+            )
+        )
+        cell._dropout_mask = dropout_mask
+        cell._recurrent_dropout_mask = recurrent_mask
+    try:
+        yield
+    finally:
+        for cell, dropout_mask, recurrent_mask in saved:
+            cell._dropout_mask = dropout_mask
+            cell._recurrent_dropout_mask = recurrent_mask
+
+
+def _expand_like(mask_t, tensor):
+    return tf.reshape(mask_t, [-1] + [1] * (tensor.shape.rank - 1))
+
+
+def _select(mask_t, when_true, when_false):
+    return tf.where(_expand_like(mask_t, when_true), when_true, when_false)
+
+
+class CellSteps:
+    """Step functions of `cell` inside a `keras.layers.RNN`-style loop.
+
+    Args:
+        cell: The Keras cell (dropout masks already sampled for this call).
+        state_structure: The nested structure of the cell's states.
+        training: Passed to the cell.
+        carry_output: Whether a mask is present and masked steps output the
+            previous output (carried as the last flat state).
+
+    Example:
+
+    >>> cell = keras.layers.GRUCell(4)
+    >>> cell.build((None, 3))
+    >>> steps = CellSteps(cell, [tf.zeros([2, 4])], False, carry_output=False)
+    >>> output, new_states = steps.step(tf.ones([2, 3]), None, [tf.zeros([2, 4])])
+    >>> output.shape
+    TensorShape([2, 4])
+    """
+
+    def __init__(self, cell, state_structure, training, carry_output):
+        self.cell = cell
+        self.state_structure = state_structure
+        self.training = training
+        self.carry_output = carry_output
+        self.num_cell_states = len(keras.tree.flatten(state_structure))
+        self._cells_and_masks = [
+            (c, c._dropout_mask, c._recurrent_dropout_mask)
+            for c in _dropout_cells(cell)
+        ]
+        takes_training = isinstance(cell, keras.layers.Layer) and getattr(
+            cell, "_call_has_training_arg", False
+        )
+        self._cell_kwargs = {"training": training} if takes_training else {}
+
+    def fixed_dropout_masks(self):
+        """A context in which the cells use this call's dropout masks."""
+        return _fixed_dropout_masks(self._cells_and_masks)
+
+    def step(self, x_t, mask_t, flat_states):
+        """`(output, new_flat_states)` of one step, masking included."""
+        states = keras.tree.pack_sequence_as(
+            self.state_structure, flat_states[: self.num_cell_states]
+        )
+        with self.fixed_dropout_masks():
+            output, new_states = self.cell(x_t, states, **self._cell_kwargs)
+        return self.apply_mask(
+            mask_t, output, keras.tree.flatten(new_states), flat_states
+        )
+
+    def apply_mask(self, mask_t, output, new_cell_states, flat_states):
+        """keras.backend.rnn's masking of one step's output and states."""
+        if mask_t is None:
+            return output, list(new_cell_states)
+        new_states = [
+            _select(mask_t, new, old)
+            for new, old in zip(new_cell_states, flat_states)
+        ]
+        if self.carry_output:
+            output = _select(mask_t, output, flat_states[-1])
+            new_states.append(output)
+        else:
+            output = _select(mask_t, output, tf.zeros_like(output))
+        return output, new_states
+
+    def internal(self, cell_step):
+        """The `executor.InternalSteps` over a cell's `InternalStateStep`."""
+        return _MaskedInternalSteps(self, cell_step)
+
+
+class _MaskedInternalSteps(executor.InternalSteps):
+    """A cell's internal-state step inside the layer's loop (masking)."""
+
+    def __init__(self, steps, cell_step):
+        self._steps = steps
+        self._cell_step = cell_step
+        self.variables = list(cell_step.variables)
+        self._num_cell_internal = None
+
+    def forward(self, x_t, mask_t, flat_states):
+        steps = self._steps
+        with steps.fixed_dropout_masks():
+            output, new_cell_states, internal = self._cell_step.forward(
+                x_t, flat_states[: steps.num_cell_states], steps.training
+            )
+        internal = list(internal)
+        self._num_cell_internal = len(internal)
+        output, new_states = steps.apply_mask(
+            mask_t, output, new_cell_states, flat_states
+        )
+        if mask_t is not None:
+            internal += new_states
+        return output, new_states, internal
+
+    def restore(self, internal):
+        cell_internal = internal[: self._num_cell_internal]
+        stored_states = internal[self._num_cell_internal :]
+        if stored_states:
+            return list(stored_states)
+        with self._steps.fixed_dropout_masks():
+            return list(self._cell_step.restore(cell_internal))
+
+    def backward(self, internal, mask_t, d_output, d_new_states):
+        steps = self._steps
+        cell_internal = internal[: self._num_cell_internal]
+        n = steps.num_cell_states
+        d_cell_new = list(d_new_states[:n])
+        d_old = [tf.zeros_like(d) for d in d_cell_new]
+        d_prev_output = []
+        if mask_t is not None:
+            if steps.carry_output:
+                d_output = d_output + d_new_states[n]
+                d_prev_output = [_select(mask_t, tf.zeros_like(d_output), d_output)]
+            d_old = [_select(mask_t, tf.zeros_like(d), d) for d in d_cell_new]
+            d_cell_new = [_select(mask_t, d, tf.zeros_like(d)) for d in d_cell_new]
+            d_output = _select(mask_t, d_output, tf.zeros_like(d_output))
+        with steps.fixed_dropout_masks():
+            dx, d_cell_states, d_variables = self._cell_step.backward(
+                cell_internal, d_output, d_cell_new
+            )
+        d_states = [a + b for a, b in zip(d_cell_states, d_old)] + d_prev_output
+        return dx, d_states, list(d_variables)
