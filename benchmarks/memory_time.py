@@ -31,13 +31,15 @@ from keras_bptt.measure import measure_in_subprocess  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 BUDGETS = (1.0, 0.2, 0.1, 0.05, 0.02)
+SCHEMES = ("auto", "hsm", "ism", "msm")
 
 
-def _configurations(budgets):
+def _configurations(budgets, schemes):
     yield {"layer": "rnn"}
     yield {"layer": "lstm"}
-    for fraction in budgets:
-        yield {"layer": "budget", "memory_budget": fraction, "scheme": "auto"}
+    for scheme in schemes:
+        for fraction in budgets:
+            yield {"layer": "budget", "memory_budget": fraction, "scheme": scheme}
     yield {"layer": "budget", "memory_budget": 0.05, "scheme": "chen_sqrt_hidden"}
 
 
@@ -46,7 +48,9 @@ def _label(result):
         return "keras.layers.RNN(LSTMCell)"
     if result["layer"] == "lstm":
         return "keras.layers.LSTM"
-    return f"MemoryBudgetRNN {result['memory_budget']:.0%} ({result['plan_scheme']})"
+    chosen = result["plan_scheme"]
+    scheme = chosen if result["scheme"] == chosen else f"{result['scheme']}: {chosen}"
+    return f"MemoryBudgetRNN {result['memory_budget']:.0%} ({scheme})"
 
 
 def measured_backward_ratio(reference):
@@ -58,11 +62,11 @@ def measured_backward_ratio(reference):
     return reference["step_seconds"] / reference["forward_seconds"] - 1.0
 
 
-def run(lengths, budgets, batch, units, features, repeats):
+def run(lengths, budgets, schemes, batch, units, features, repeats):
     results = []
     for length in lengths:
         rows = []
-        for config in _configurations(budgets):
+        for config in _configurations(budgets, schemes):
             config.update(
                 length=length, batch=batch, units=units, features=features,
                 repeats=repeats,
@@ -106,10 +110,14 @@ def plot(results, path):
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         rows = [r for r in results if r["length"] == length]
+        colors = {"hsm": "tab:blue", "ism": "tab:green", "msm": "tab:red",
+                  "chen_sqrt_hidden": "tab:brown"}
         for r in rows:
             marker = "s" if r["layer"] != "budget" else "o"
-            ax.scatter(r["step_peak_bytes"] / 2**20, r["step_seconds"], marker=marker)
-            ax.annotate(_label(r).replace("MemoryBudgetRNN ", ""),
+            color = colors.get(r.get("plan_scheme"), "black")
+            ax.scatter(r["step_peak_bytes"] / 2**20, r["step_seconds"],
+                       marker=marker, color=color)
+            ax.annotate(_label(r).replace("MemoryBudgetRNN ", "").replace("keras.layers.", ""),
                         (r["step_peak_bytes"] / 2**20, r["step_seconds"]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
@@ -126,6 +134,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[250, 1000, 4000])
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--units", type=int, default=256)
     parser.add_argument("--features", type=int, default=32)
@@ -143,8 +152,8 @@ def main():
         plot(results, output.with_suffix(".png"))
         return
     results = run(
-        args.lengths, args.budgets, args.batch, args.units, args.features,
-        args.repeats,
+        args.lengths, args.budgets, args.schemes, args.batch, args.units,
+        args.features, args.repeats,
     )
     print_table(results)
     output.parent.mkdir(parents=True, exist_ok=True)
