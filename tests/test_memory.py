@@ -13,20 +13,28 @@ def keras_rnn():
     return measure_in_subprocess(layer="rnn", **CONFIG)
 
 
-def test_five_percent_budget_uses_at_most_a_tenth_of_keras_rnn(keras_rnn):
-    budgeted = measure_in_subprocess(layer="budget", memory_budget="5%", **CONFIG)
+@pytest.mark.parametrize("scheme", ["hsm", "auto"])
+def test_five_percent_budget_uses_at_most_a_tenth_of_keras_rnn(keras_rnn, scheme):
+    budgeted = measure_in_subprocess(
+        layer="budget", memory_budget="5%", scheme=scheme, **CONFIG
+    )
     ratio = budgeted["step_peak_bytes"] / keras_rnn["step_peak_bytes"]
     assert ratio <= 0.10, (budgeted["step_peak_bytes"], keras_rnn["step_peak_bytes"])
     counters = budgeted["counters"]
     assert counters["measured/peak_stored_slots"] <= budgeted["plan_memory_slots"]
 
 
-def test_memory_grows_with_the_budget_as_the_plan_predicts():
+@pytest.mark.parametrize("scheme, tolerance", [("hsm", 0.15), ("msm", 0.25)])
+def test_memory_grows_with_the_budget_as_the_plan_predicts(scheme, tolerance):
     small, large = (
-        measure_in_subprocess(layer="budget", memory_budget=slots, **CONFIG)
+        measure_in_subprocess(
+            layer="budget", memory_budget=slots, scheme=scheme, **CONFIG
+        )
         for slots in (20, 220)
     )
-    stored_slots = large["plan_peak_slots"] - small["plan_peak_slots"]
-    predicted = stored_slots * SLOT_BYTES
+    stored_units = large["plan_peak_slots"] - small["plan_peak_slots"]
+    predicted = stored_units * SLOT_BYTES
     measured = large["step_peak_bytes"] - small["step_peak_bytes"]
-    assert measured == pytest.approx(predicted, rel=0.15), (measured, predicted)
+    # With internal states, the step's transient buffers also change with the
+    # plan (fewer recomputations), hence the wider tolerance for msm.
+    assert measured == pytest.approx(predicted, rel=tolerance), (measured, predicted)
