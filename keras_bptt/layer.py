@@ -27,6 +27,37 @@ def _require_tensorflow_backend():
         )
 
 
+def _flat_state_sizes(state_size):
+    if isinstance(state_size, int):
+        return [state_size]
+    return [size for item in state_size for size in _flat_state_sizes(item)]
+
+
+def _check_sequences(sequences):
+    rank = len(sequences.shape)
+    if rank < 3:
+        raise ValueError(
+            "MemoryBudgetRNN expects sequences of shape (batch, timesteps, "
+            f"features); got shape {tuple(sequences.shape)}. Add a time axis, "
+            "e.g. keras.ops.expand_dims(x, 1) for a single step."
+        )
+
+
+def _check_initial_state(initial_state, state_size):
+    expected = _flat_state_sizes(state_size)
+    given = keras.tree.flatten(initial_state)
+    sizes = [s.shape[-1] for s in given]
+    if len(given) != len(expected) or any(
+        g is not None and g != e for g, e in zip(sizes, expected)
+    ):
+        raise ValueError(
+            f"initial_state has {len(given)} tensor(s) of last dimensions "
+            f"{sizes}; the cell expects {len(expected)} state(s) of sizes "
+            f"{expected} (one (batch, size) tensor per state, in the order of "
+            "cell.state_size)."
+        )
+
+
 def _stores_internal_states(scheme):
     return scheme not in ("auto",) + planner.HIDDEN_STATE_SCHEMES
 
@@ -287,6 +318,14 @@ class MemoryBudgetRNN(keras.layers.RNN):
             last_output = outputs
             outputs = tf.expand_dims(outputs, 1)
         return last_output, outputs, states
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        _check_sequences(sequences)
+        if initial_state is not None:
+            _check_initial_state(initial_state, self.cell.state_size)
+        return super().call(
+            sequences, initial_state=initial_state, mask=mask, training=training
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -163,25 +163,3 @@ def test_non_tensorflow_backend_is_rejected_with_instructions(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(RuntimeError, match="'jax'.*KERAS_BACKEND=tensorflow"):
         MemoryBudgetRNN(keras.layers.LSTMCell(2), memory_budget=2)
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"scheme": "fastest"}, "Unknown scheme"),
-        ({"memory_budget": "lots"}, "memory_budget"),
-        ({"memory_budget": 0}, "1"),
-    ],
-)
-def test_bad_arguments_raise_clear_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        MemoryBudgetRNN(keras.layers.LSTMCell(2), **kwargs)
-
-
-def test_cell_without_state_size_is_rejected():
-    class NoStateCell(keras.layers.Layer):
-        def call(self, inputs, states):
-            return inputs, states
-
-    with pytest.raises(ValueError, match="state_size"):
-        MemoryBudgetRNN(NoStateCell(), memory_budget=2)
