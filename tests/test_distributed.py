@@ -60,3 +60,13 @@ def test_mirrored_strategy_trains_like_one_device_with_per_replica_counters(tmp_
     assert stats["executions"] == 4  # 2 epochs x 2 batches, counted once
     assert result["weight_difference"] < 1e-5, result
     assert abs(result["loss"][-1] - result["single_loss"][-1]) < 1e-4 * result["single_loss"][-1]
+
+
+def test_multi_worker_mirrored_strategy_with_two_local_workers():
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "multi_worker.py")
+    completed = subprocess.run(
+        [sys.executable, example], capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "both workers trained to the same weights" in completed.stdout
