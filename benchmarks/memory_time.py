@@ -62,14 +62,14 @@ def measured_backward_ratio(reference):
     return reference["step_seconds"] / reference["forward_seconds"] - 1.0
 
 
-def run(lengths, budgets, schemes, batch, units, features, repeats):
+def run(lengths, budgets, schemes, batch, units, features, repeats, jit_compile):
     results = []
     for length in lengths:
         rows = []
         for config in _configurations(budgets, schemes):
             config.update(
                 length=length, batch=batch, units=units, features=features,
-                repeats=repeats,
+                repeats=repeats, jit_compile=jit_compile,
             )
             print(f"measuring {config} ...", flush=True)
             rows.append(measure_in_subprocess(**config))
@@ -139,6 +139,10 @@ def main():
     parser.add_argument("--units", type=int, default=256)
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--jit-compile", action="store_true",
+        help="Compile every train step with XLA (ratios against XLA-compiled RNN).",
+    )
     parser.add_argument("--output", default=str(RESULTS / "memory_time"))
     parser.add_argument(
         "--replot", action="store_true",
@@ -153,7 +157,7 @@ def main():
         return
     results = run(
         args.lengths, args.budgets, args.schemes, args.batch, args.units,
-        args.features, args.repeats,
+        args.features, args.repeats, args.jit_compile,
     )
     print_table(results)
     output.parent.mkdir(parents=True, exist_ok=True)

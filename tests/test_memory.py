@@ -38,3 +38,16 @@ def test_memory_grows_with_the_budget_as_the_plan_predicts(scheme, tolerance):
     # With internal states, the step's transient buffers also change with the
     # plan (fewer recomputations), hence the wider tolerance for msm.
     assert measured == pytest.approx(predicted, rel=tolerance), (measured, predicted)
+
+
+def test_saving_survives_xla_compilation(keras_rnn):
+    """XLA must not hoist recomputations before the incoming gradient.
+
+    If it did, the budgeted step would keep every step's activations again.
+    """
+    keras_rnn_xla = measure_in_subprocess(layer="rnn", jit_compile=True, **CONFIG)
+    budgeted = measure_in_subprocess(
+        layer="budget", memory_budget="5%", jit_compile=True, **CONFIG
+    )
+    assert budgeted["step_peak_bytes"] <= 0.05 * keras_rnn_xla["step_peak_bytes"]
+    assert budgeted["step_peak_bytes"] <= 0.2 * keras_rnn["step_peak_bytes"]
