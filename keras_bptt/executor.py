@@ -5,23 +5,25 @@ Backpropagation Through Time" (NIPS 2016): one `tf.custom_gradient` function
 wraps the whole recurrence.
 
 * Its forward pass is one `tf.while_loop` over the time steps. It computes the
-  outputs and writes into a hidden-state buffer only the states the plan's
-  first sweep stores (`Program.forward_store`). Because the loop runs inside a
-  function whose gradient is overridden, TensorFlow keeps no per-step
-  accumulators for it.
+  outputs and writes into the buffers only the hidden and internal states
+  the plan's first sweep stores (`Program.forward_store`,
+  `Program.forward_internal`). Because the loop runs inside a function whose
+  gradient is overridden, TensorFlow keeps no per-step accumulators for it.
 * Its gradient function is one `tf.while_loop` that interprets the plan's
   backward program (`keras_bptt.program`), one step evaluation per
-  iteration: restore the register from a slot, then recompute a step or
-  backpropagate one (a vector-Jacobian product of the step evaluated under a
-  `tf.GradientTape` from the register), then store the register in a slot.
+  iteration: restore the register from a hidden slot (or, HSM aside, from a
+  stored internal state), then recompute a step (keeping its internal state
+  for ISM/MSM) or backpropagate one -- a vector-Jacobian product of the step
+  evaluated under a `tf.GradientTape` from the register, or the cell's own
+  backward from a stored internal state (`InternalSteps`, no recomputation)
+  -- then store the register in a hidden slot.
 
-The buffer of stored hidden states is a `tf.TensorArray` with
-`Program.hidden_slots` entries plus one scratch entry (which absorbs the
-writes of steps that store nothing, so that storing needs no branch), so
+The buffers are `tf.TensorArray`s with `Program.hidden_slots` (and
+`Program.internal_slots`) entries plus one scratch entry each (which absorbs
+the writes of steps that store nothing, so that storing needs no branch), so
 stored memory is bounded by the budget and not by t; graph size and tracing
-time do not depend on t. When t is unknown
-while tracing, the program is fetched at run time (`tf.numpy_function`), so
-one trace serves every length.
+time do not depend on t. When t is unknown while tracing, the program is
+fetched at run time (`tf.numpy_function`), so one trace serves every length.
 
 Known limitations:
 
@@ -30,6 +32,8 @@ Known limitations:
   step t is evaluated once more (see `keras_bptt.program`).
 * A run-time program (unknown t) uses `tf.numpy_function`, which XLA cannot
   compile; give the layer a static sequence length under `jit_compile=True`.
+* Under XLA, internal-state buffers cost about twice their size (measured in
+  `benchmarks/results/memory_time_xla.json`).
 """
 
 import dataclasses
