@@ -26,7 +26,10 @@ class BatchMemoryUsage(keras.callbacks.Callback):
         device: `"GPU:0"`, `"CPU:0"`, or `None` to pick the GPU when present.
 
     Attributes:
-        peak_bytes: Peak allocated bytes of each batch, in order.
+        peak_bytes: Peak allocated bytes of each batch, in order (absolute:
+            weights, optimizer state and input pipeline buffers included).
+        step_peak_bytes: Peak of each batch above what was allocated when it
+            began: what the training step itself needed.
         seconds: Wall time of each batch, in order.
 
     Example:
@@ -42,8 +45,10 @@ class BatchMemoryUsage(keras.callbacks.Callback):
         super().__init__()
         self.device = device or default_memory_device()
         self.peak_bytes = []
+        self.step_peak_bytes = []
         self.seconds = []
         self._start = None
+        self._start_bytes = 0
         if self.device.startswith("CPU") and (
             os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") != "true"
         ):
@@ -55,12 +60,16 @@ class BatchMemoryUsage(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         tf.config.experimental.reset_memory_stats(self.device)
+        self._start_bytes = tf.config.experimental.get_memory_info(self.device)[
+            "current"
+        ]
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
         info = tf.config.experimental.get_memory_info(self.device)
         self.peak_bytes.append(int(info["peak"]))
+        self.step_peak_bytes.append(int(info["peak"]) - int(self._start_bytes))
 
 
 def budgeted_layers(model):
@@ -101,8 +110,9 @@ class BudgetMonitor(keras.callbacks.Callback):
     layer, the executor's own counters -- forward, recomputed and backward
     steps, peak stored slots and bytes -- beside the plan's predictions, the
     budget and alpha (tags `<layer>/measured/...`, `<layer>/planned/...`),
-    and the batch's peak device memory (`memory/device_peak_bytes`) on one
-    chart with the layers' predicted stored bytes
+    and the batch's peak device memory (`memory/device_peak_bytes`, and
+    `memory/step_peak_bytes` above what was allocated when the batch began)
+    on one chart with the layers' predicted stored bytes
     (`memory/predicted_stored_bytes`). Each new plan is written once as a text
     summary and as an image of its execution schedule. The values also go
     into the batch `logs` (as `<layer>_recomputed_steps`,
@@ -148,6 +158,11 @@ class BudgetMonitor(keras.callbacks.Callback):
         return self._memory.peak_bytes
 
     @property
+    def step_peak_bytes(self):
+        """Peak of each training batch above what was allocated before it."""
+        return self._memory.step_peak_bytes
+
+    @property
     def seconds(self):
         """Wall time of each training batch, in order."""
         return self._memory.seconds
@@ -173,6 +188,9 @@ class BudgetMonitor(keras.callbacks.Callback):
             return
         with self._writer.as_default(step=self._step):
             tf.summary.scalar("memory/device_peak_bytes", peak)
+            tf.summary.scalar(
+                "memory/step_peak_bytes", self._memory.step_peak_bytes[-1]
+            )
             predicted = 0
             for layer in self._layers:
                 stats = layer.execution_stats.as_dict()
