@@ -285,7 +285,9 @@ def run_recurrence(
                 return d_outputs * is_last
 
             def recompute(step, register):
-                return step_at(step - 1, register)[1]
+                # The plain step: a recomputation keeps no internal state.
+                x_t, mask_t = inputs_at(step - 1)
+                return step_fn(x_t, mask_t, register)[1]
 
             def backward(step, register, d_register):
                 x_t, mask_t = inputs_at(step - 1)

@@ -103,9 +103,12 @@ class MemoryBudgetRNN(keras.layers.RNN):
               `keras.layers.RNN` does it.
             Inputs, outputs and their gradients are O(t) by nature and not
             part of the budget.
-        scheme: `"auto"` (default: the fastest plan that fits), `"hsm"`
-            (optimal hidden-state checkpointing), `"chen_sqrt_hidden"`
-            (sqrt(t) segments), `"bisection"` or `"recompute_all"`.
+        scheme: `"auto"` (default: the fastest plan that fits, storing
+            internal states when the cell supports them), `"msm"`, `"ism"`
+            (need a cell with internal states, see
+            `keras_bptt.internal_states`), `"hsm"` (optimal hidden-state
+            checkpointing, any cell), `"store_all"`, `"chen_sqrt"`,
+            `"chen_sqrt_hidden"`, `"bisection"` or `"recompute_all"`.
         return_sequences, return_state, go_backwards, stateful,
         zero_output_for_mask: As in `keras.layers.RNN`.
         unroll: Accepted for compatibility. It only affects calls without
@@ -269,9 +272,9 @@ class MemoryBudgetRNN(keras.layers.RNN):
             output_size = getattr(self.cell, "output_size", None) or (
                 self.state_size[0]
             )
+            batch = tf.shape(flat_states[0])[0]
             flat_states = flat_states + [
-                tf.zeros_like(flat_states[0][:, :1])
-                * tf.zeros([output_size], flat_states[0].dtype)
+                tf.zeros([batch, output_size], flat_states[0].dtype)
             ]
         alpha = self._cell_alpha(steps, internal_steps, sequences[:, 0], cell_states)
         if mask is not None and internal_steps is not None:

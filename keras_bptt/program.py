@@ -135,15 +135,6 @@ class Program:
         )
 
 
-def _first_backward_index(ops):
-    is_backward = np.isin(
-        ops[:, 0], (plan_lib.BACKWARD, plan_lib.BACKWARD_INTERNAL)
-    )
-    if not is_backward.any():
-        raise ValueError("The plan has no backward operation.")
-    return int(np.argmax(is_backward))
-
-
 def _forward_store_slots(prefix, length, scratch_slot):
     """The first sweep's `STORE_HIDDEN` ops as a per-step slot table."""
     forward_store = np.full(length, scratch_slot, dtype=np.int32)
@@ -251,7 +242,9 @@ def compile_program(plan):
     16
     """
     ops = np.asarray(plan.ops, dtype=np.int32)
-    first_backward = _first_backward_index(ops)
+    first_backward = plan.forward_sweep_length
+    if first_backward == len(ops):
+        raise ValueError("The plan has no backward operation.")
     prefix, suffix = ops[:first_backward], ops[first_backward:]
     forwards = (plan_lib.FORWARD, plan_lib.FORWARD_STORE_INTERNAL)
     forward_steps = prefix[np.isin(prefix[:, 0], forwards), 1]
