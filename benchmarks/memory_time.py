@@ -6,12 +6,15 @@ subprocess, see `keras_bptt.measure`): `keras.layers.RNN(LSTMCell)`,
 Ratios are taken against `keras.layers.RNN` measured in the same run, next to
 the ratio the plan predicts, `(cost/t + b) / (1 + b)`, with b the
 backward/forward time ratio of one step measured on `keras.layers.RNN`
-(training step time over forward-only time, minus one).
+(training step time over forward-only time, minus one). The last two
+columns are ratios to `keras.layers.LSTM`, which runs cuDNN's fused kernel
+on a GPU (and, under `--jit-compile`, stays uncompiled: XLA cannot compile
+cuDNN's op).
 
 Writes `benchmarks/results/memory_time.json` and `memory_time.png`.
 
     python benchmarks/memory_time.py                  # t in 250, 1000, 4000
-    python benchmarks/memory_time.py --lengths 1000 --quick
+    python benchmarks/memory_time.py --lengths 1000 --budgets 0.05 0.02
 """
 
 import argparse
@@ -34,9 +37,11 @@ BUDGETS = (1.0, 0.2, 0.1, 0.05, 0.02)
 SCHEMES = ("auto", "hsm", "ism", "msm")
 
 
-def _configurations(budgets, schemes):
+def _configurations(budgets, schemes, jit_compile):
     yield {"layer": "rnn"}
-    yield {"layer": "lstm"}
+    # cuDNN's kernel (keras.layers.LSTM on a GPU) cannot be compiled by XLA:
+    # under --jit-compile it is measured as it runs best, uncompiled.
+    yield {"layer": "lstm", "jit_compile": False} if jit_compile else {"layer": "lstm"}
     for scheme in schemes:
         for fraction in budgets:
             yield {"layer": "budget", "memory_budget": fraction, "scheme": scheme}
@@ -66,18 +71,24 @@ def run(lengths, budgets, schemes, batch, units, features, repeats, jit_compile)
     results = []
     for length in lengths:
         rows = []
-        for config in _configurations(budgets, schemes):
-            config.update(
-                length=length, batch=batch, units=units, features=features,
-                repeats=repeats, jit_compile=jit_compile,
-            )
+        for config in _configurations(budgets, schemes, jit_compile):
+            config = {
+                "length": length, "batch": batch, "units": units,
+                "features": features, "repeats": repeats,
+                "jit_compile": jit_compile, **config,
+            }
             print(f"measuring {config} ...", flush=True)
-            rows.append(measure_in_subprocess(**config))
-        reference = rows[0]
+            row = measure_in_subprocess(**config)
+            if jit_compile and not row["jit_compile"]:
+                row["label_suffix"] = " (no XLA)"
+            rows.append(row)
+        reference, lstm = rows[0], rows[1]
         b = measured_backward_ratio(reference)
         for r in rows:
             r["memory_ratio"] = r["step_peak_bytes"] / reference["step_peak_bytes"]
             r["time_ratio"] = r["step_seconds"] / reference["step_seconds"]
+            r["memory_ratio_lstm"] = r["step_peak_bytes"] / lstm["step_peak_bytes"]
+            r["time_ratio_lstm"] = r["step_seconds"] / lstm["step_seconds"]
             if r["layer"] == "budget":
                 r["backward_ratio"] = b
                 r["predicted_time_ratio"] = (r["plan_cost"] / length + b) / (1 + b)
@@ -89,7 +100,8 @@ def run(lengths, budgets, schemes, batch, units, features, repeats, jit_compile)
 def print_table(results):
     header = (
         f"{'t':>5} {'layer':<36} {'peak MiB':>9} {'memory':>7} "
-        f"{'s/step':>7} {'time':>6} {'predicted':>9} {'cost/t':>7}"
+        f"{'s/step':>7} {'time':>6} {'predicted':>9} {'cost/t':>7} "
+        f"{'mem/LSTM':>8} {'time/LSTM':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -101,7 +113,11 @@ def print_table(results):
             f"{r['step_peak_bytes'] / 2**20:>9.1f} {r['memory_ratio']:>7.3f} "
             f"{r['step_seconds']:>7.3f} {r['time_ratio']:>5.2f}x "
             + (f"{predicted:>8.2f}x " if predicted else f"{'':>9} ")
-            + (f"{cost / r['length']:>7.2f}" if cost else "")
+            + (f"{cost / r['length']:>7.2f} " if cost else f"{'':>7} ")
+            + (
+                f"{r['memory_ratio_lstm']:>8.3f} {r['time_ratio_lstm']:>8.2f}x"
+                if "memory_ratio_lstm" in r else ""
+            )
         )
 
 

@@ -66,6 +66,31 @@ LSTM, `u` otherwise), alpha = size(internal) / H:
 A cell with `dropout` or `recurrent_dropout` configured adds the `[batch, 1]`
 flag: `+ 1/H`.
 
+Why a per-cell protocol and not a generic route
+-----------------------------------------------
+Two generic ways to get internal states for any cell were considered:
+
+1. Let TensorFlow's own while-loop gradient keep a segment's intermediates:
+   run a stretch of steps in a nested `tf.while_loop` under the tape and let
+   its gradient accumulators be the "internal states". That only fits plans
+   whose stored internal states form one contiguous segment backpropagated
+   right after it is recomputed (Chen et al.'s shape, `chen_sqrt`). ISM and
+   MSM store the internal state of a *single* step at a split point and
+   consume it much later, after the right-hand part of the recursion ran;
+   TensorFlow's accumulators belong to the op that recorded them and cannot
+   be parked in a `TensorArray` slot and replayed out of order, and a tape
+   cannot be kept per stored step inside a `tf.while_loop`.
+2. Find, by tracing the step's gradient, which forward tensors the backward
+   graph consumes (`keras_bptt.cell_memory` does this to estimate alpha) and
+   rewrite the gradient graph to take them as inputs. That needs graph
+   surgery on TensorFlow internals that change between releases, and the
+   consumed set holds duplicates (the same tensor before and after a cast or
+   reshape), so it would store more than needed.
+
+The protocol costs about a hundred lines per cell family, stores exactly
+what the backward needs, and is tested against a tape; any other cell still
+gets the hidden-state schemes, which need nothing from it.
+
 Known limitations
 -----------------
 - Only float32/float64 compute dtypes: mixed-precision cells are unsupported.
