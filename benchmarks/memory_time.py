@@ -35,6 +35,7 @@ from keras_bptt.measure import measure_in_subprocess  # noqa: E402
 RESULTS = pathlib.Path(__file__).parent / "results"
 BUDGETS = (1.0, 0.2, 0.1, 0.05, 0.02)
 SCHEMES = ("auto", "hsm", "ism", "msm")
+_OUT_OF_MEMORY_SIGNS = ("ResourceExhaustedError", "OOM when allocating", "out of memory")
 
 
 def _configurations(budgets, schemes, jit_compile):
@@ -53,7 +54,7 @@ def _label(result):
         return "keras.layers.RNN(LSTMCell)"
     if result["layer"] == "lstm":
         return "keras.layers.LSTM"
-    chosen = result["plan_scheme"]
+    chosen = result.get("plan_scheme", result["scheme"])
     scheme = chosen if result["scheme"] == chosen else f"{result['scheme']}: {chosen}"
     return f"MemoryBudgetRNN {result['memory_budget']:.0%} ({scheme})"
 
@@ -67,6 +68,22 @@ def measured_backward_ratio(reference):
     return reference["step_seconds"] / reference["forward_seconds"] - 1.0
 
 
+def _measure(config):
+    """One configuration's result; out-of-memory becomes a row, not a crash."""
+    try:
+        return measure_in_subprocess(**config)
+    except RuntimeError as error:
+        if not any(sign in str(error) for sign in _OUT_OF_MEMORY_SIGNS):
+            raise
+        return {**config, "out_of_memory": True}
+
+
+def _ratio(row, reference, key):
+    if row.get("out_of_memory") or reference.get("out_of_memory"):
+        return None
+    return row[key] / reference[key]
+
+
 def run(lengths, budgets, schemes, batch, units, features, repeats, jit_compile):
     results = []
     for length in lengths:
@@ -78,23 +95,27 @@ def run(lengths, budgets, schemes, batch, units, features, repeats, jit_compile)
                 "jit_compile": jit_compile, **config,
             }
             print(f"measuring {config} ...", flush=True)
-            row = measure_in_subprocess(**config)
+            row = _measure(config)
             if jit_compile and not row["jit_compile"]:
                 row["label_suffix"] = " (no XLA)"
             rows.append(row)
         reference, lstm = rows[0], rows[1]
-        b = measured_backward_ratio(reference)
+        b = None if reference.get("out_of_memory") else measured_backward_ratio(reference)
         for r in rows:
-            r["memory_ratio"] = r["step_peak_bytes"] / reference["step_peak_bytes"]
-            r["time_ratio"] = r["step_seconds"] / reference["step_seconds"]
-            r["memory_ratio_lstm"] = r["step_peak_bytes"] / lstm["step_peak_bytes"]
-            r["time_ratio_lstm"] = r["step_seconds"] / lstm["step_seconds"]
-            if r["layer"] == "budget":
+            r["memory_ratio"] = _ratio(r, reference, "step_peak_bytes")
+            r["time_ratio"] = _ratio(r, reference, "step_seconds")
+            r["memory_ratio_lstm"] = _ratio(r, lstm, "step_peak_bytes")
+            r["time_ratio_lstm"] = _ratio(r, lstm, "step_seconds")
+            if r["layer"] == "budget" and b is not None and "plan_cost" in r:
                 r["backward_ratio"] = b
                 r["predicted_time_ratio"] = (r["plan_cost"] / length + b) / (1 + b)
         results.extend(rows)
         print_table(rows)
     return results
+
+
+def _cell(value, width, spec, suffix=""):
+    return " " * (width + len(suffix)) if value is None else f"{value:>{width}{spec}}{suffix}"
 
 
 def print_table(results):
@@ -106,26 +127,29 @@ def print_table(results):
     print(header)
     print("-" * len(header))
     for r in results:
-        predicted = r.get("predicted_time_ratio")
+        if r.get("out_of_memory"):
+            print(f"{r['length']:>5} {_label(r):<36} {'out of memory':>17}")
+            continue
         cost = r.get("plan_cost")
-        print(
-            f"{r['length']:>5} {_label(r):<36} "
-            f"{r['step_peak_bytes'] / 2**20:>9.1f} {r['memory_ratio']:>7.3f} "
-            f"{r['step_seconds']:>7.3f} {r['time_ratio']:>5.2f}x "
-            + (f"{predicted:>8.2f}x " if predicted else f"{'':>9} ")
-            + (f"{cost / r['length']:>7.2f} " if cost else f"{'':>7} ")
-            + (
-                f"{r['memory_ratio_lstm']:>8.3f} {r['time_ratio_lstm']:>8.2f}x"
-                if "memory_ratio_lstm" in r else ""
-            )
-        )
+        print(" ".join([
+            f"{r['length']:>5} {_label(r):<36}",
+            f"{r['step_peak_bytes'] / 2**20:>9.1f}",
+            _cell(r["memory_ratio"], 7, ".3f"),
+            f"{r['step_seconds']:>7.3f}",
+            _cell(r["time_ratio"], 5, ".2f", "x"),
+            _cell(r.get("predicted_time_ratio"), 8, ".2f", "x"),
+            _cell(cost / r["length"] if cost else None, 7, ".2f"),
+            _cell(r.get("memory_ratio_lstm"), 8, ".3f"),
+            _cell(r.get("time_ratio_lstm"), 8, ".2f", "x"),
+        ]).rstrip())
 
 
 def plot(results, path):
     lengths = sorted({r["length"] for r in results})
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
     for ax, length in zip(axes[0], lengths):
-        rows = [r for r in results if r["length"] == length]
+        rows = [r for r in results
+                if r["length"] == length and not r.get("out_of_memory")]
         colors = {"hsm": "tab:blue", "ism": "tab:green", "msm": "tab:red",
                   "chen_sqrt_hidden": "tab:brown"}
         for r in rows:
