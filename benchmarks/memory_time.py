@@ -38,7 +38,7 @@ SCHEMES = ("auto", "hsm", "ism", "msm")
 _OUT_OF_MEMORY_SIGNS = ("ResourceExhaustedError", "OOM when allocating", "out of memory")
 
 
-def _configurations(budgets, schemes, jit_compile):
+def _configurations(budgets, schemes, jit_compile, chen=True):
     yield {"layer": "rnn"}
     # cuDNN's kernel (keras.layers.LSTM on a GPU) cannot be compiled by XLA:
     # under --jit-compile it is measured as it runs best, uncompiled.
@@ -46,7 +46,8 @@ def _configurations(budgets, schemes, jit_compile):
     for scheme in schemes:
         for fraction in budgets:
             yield {"layer": "budget", "memory_budget": fraction, "scheme": scheme}
-    yield {"layer": "budget", "memory_budget": 0.05, "scheme": "chen_sqrt_hidden"}
+    if chen:
+        yield {"layer": "budget", "memory_budget": 0.05, "scheme": "chen_sqrt_hidden"}
 
 
 def _label(result):
@@ -84,11 +85,12 @@ def _ratio(row, reference, key):
     return row[key] / reference[key]
 
 
-def run(lengths, budgets, schemes, batch, units, features, repeats, jit_compile):
+def run(lengths, budgets, schemes, batch, units, features, repeats, jit_compile,
+        chen=True):
     results = []
     for length in lengths:
         rows = []
-        for config in _configurations(budgets, schemes, jit_compile):
+        for config in _configurations(budgets, schemes, jit_compile, chen):
             config = {
                 "length": length, "batch": batch, "units": units,
                 "features": features, "repeats": repeats,
@@ -183,6 +185,10 @@ def main():
         "--jit-compile", action="store_true",
         help="Compile every train step with XLA (ratios against XLA-compiled RNN).",
     )
+    parser.add_argument(
+        "--chen", action=argparse.BooleanOptionalAction, default=True,
+        help="Also measure chen_sqrt_hidden at a 5%% budget (default: yes).",
+    )
     parser.add_argument("--output", default=str(RESULTS / "memory_time"))
     parser.add_argument(
         "--replot", action="store_true",
@@ -197,7 +203,7 @@ def main():
         return
     results = run(
         args.lengths, args.budgets, args.schemes, args.batch, args.units,
-        args.features, args.repeats, args.jit_compile,
+        args.features, args.repeats, args.jit_compile, args.chen,
     )
     print_table(results)
     output.parent.mkdir(parents=True, exist_ok=True)
