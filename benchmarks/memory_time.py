@@ -35,7 +35,12 @@ from keras_bptt.measure import measure_in_subprocess  # noqa: E402
 RESULTS = pathlib.Path(__file__).parent / "results"
 BUDGETS = (1.0, 0.2, 0.1, 0.05, 0.02)
 SCHEMES = ("auto", "hsm", "ism", "msm")
-_OUT_OF_MEMORY_SIGNS = ("ResourceExhaustedError", "OOM when allocating", "out of memory")
+# cuDNN reports a failed workspace allocation as an InternalError, after the
+# allocator's "ran out of memory" warning (its tail: "by allocator ...").
+_OUT_OF_MEMORY_SIGNS = (
+    "ResourceExhaustedError", "OOM when allocating", "out of memory",
+    "ran out of memory", "by allocator",
+)
 
 
 def _configurations(budgets, schemes, jit_compile, chen=True):
@@ -54,7 +59,7 @@ def _label(result):
     if result["layer"] == "rnn":
         return "keras.layers.RNN(LSTMCell)"
     if result["layer"] == "lstm":
-        return "keras.layers.LSTM"
+        return "keras.layers.LSTM" + result.get("label_suffix", "")
     chosen = result.get("plan_scheme", result["scheme"])
     scheme = chosen if result["scheme"] == chosen else f"{result['scheme']}: {chosen}"
     return f"MemoryBudgetRNN {result['memory_budget']:.0%} ({scheme})"
