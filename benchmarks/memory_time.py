@@ -62,7 +62,7 @@ def _label(result):
         return "keras.layers.LSTM" + result.get("label_suffix", "")
     chosen = result.get("plan_scheme", result["scheme"])
     scheme = chosen if result["scheme"] == chosen else f"{result['scheme']}: {chosen}"
-    return f"MemoryBudgetRNN {result['memory_budget']:.0%} ({scheme})"
+    return f"MemoryBudgetRNN {result['memory_budget'] * 100:g}% ({scheme})"
 
 
 def measured_backward_ratio(reference):

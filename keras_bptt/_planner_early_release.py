@@ -1,14 +1,26 @@
-"""MSM with early release of stored start states ("msm_early").
+"""Implements mixed-storage BPTT planning where start states are released early.
 
-The mixed storage policy (MSM) of Gruslys, Munos, Danihelka, Lanctot, Graves,
-"Memory-Efficient Backpropagation Through Time" (NIPS 2016), extended so that
-the start state of a sub-problem may be released *before* the sub-problem
-ends -- the model of `keras_bptt.brute_force.optimal_cost(...,
-early_release=True)`. Conventions (memory in hidden-state units with h_0
-counted, cost = forward ops including the first sweep) are those of
-`keras_bptt.plan` and /work/shared/paper-notes.md.
+(Scheme `"msm_early"` of `keras_bptt.planner`.)
 
-The extension
+The storage model is that of
+
+    Gruslys, Munos, Danihelka, Lanctot, Graves 2016
+    Memory-Efficient Backpropagation Through Time
+    https://arxiv.org/abs/1606.03401
+
+whose mixed storage policy (MSM) chooses, at every split, to store a hidden
+state h_y (one unit) or an internal state s_y (alpha units) and keeps every
+stored item until its sub-problem ends. This module drops that last rule for
+the start state of a sub-problem. In the model of
+`keras_bptt.brute_force.optimal_cost(..., early_release=True)`, where any
+stored item may be dropped at any time, its plans are optimal when an
+internal state is no smaller than a hidden state (checked against that
+search in tests/test_early_release.py, on grids of 1 and 1/2 slot).
+Conventions (memory in hidden-state units with h_0 counted, cost = forward ops
+including the first sweep) are those of `keras_bptt.plan` and
+/work/shared/paper-notes.md ("Beyond the paper").
+
+Early release
 -------------
 A sub-problem backpropagates steps s+1..s+n from a stored start state. Its
 start is *releasable* when nothing outside the sub-problem needs it any more:
@@ -17,316 +29,368 @@ drops it right after), and, inherited, the left part of a releasable
 sub-problem. The start of the right part of an internal split, s_{s+y}, is
 not: the parent backpropagates step s+y from it afterwards (dropping it
 inside the child and recomputing step s+y is dominated by storing h_{s+y}
-instead, which costs 1 <= alpha units).
+instead, which takes no more memory).
 
 A releasable h_s is needed until the sub-problem's first step s+1 no longer
 has to be recomputed, so the only useful release is: with the register at
-h_s, drop h_s (1 unit back) and forward step s+1 keeping s_{s+1} (alpha
-units); steps s+2..s+n are then a non-releasable sub-problem started from
-s_{s+1}, and step s+1 is backpropagated from s_{s+1} at the end.
+h_s, drop h_s and forward step s+1 keeping s_{s+1}; steps s+2..s+n are then
+a non-releasable sub-problem started from s_{s+1}, and step s+1 is
+backpropagated from s_{s+1} at the end.
 
 Recursions
 ----------
-`m` counts the sub-problem's start as one unit (as in the paper's R(t, m)),
-alpha is an integer (units of an internal state). `B(n, m)`: start held to
-the end (non-releasable); `A(n, m)`: start releasable.
+Memory is counted in integer units: a hidden state takes `h` units (1 in the
+paper; `keras_bptt.planner` may plan on a finer grid, h = g units of 1/g
+slot, like `msm`), an internal state `alpha` units. `m` counts the
+sub-problem's start as h units (as the paper's R(t, m) counts it as one);
+`m >= h`. `B(n, m)`: start held to the end (non-releasable); `A(n, m)`:
+start releasable.
 
 ```
 B(0, m) = A(0, m) = 0,   B(1, m) = A(1, m) = 1
 B(n, m) = min( n + B(n-1, m),                                        # no store
-               min_{1<=y<n, m>=2}       y + A(n-y, m-1)     + B(y,   m),   # h_y
-               min_{1<=y<n, m>=1+alpha} y + B(n-y, m-alpha) + B(y-1, m) )  # s_y
+               min_{1<=y<n, m>=2h}      y + A(n-y, m-h)     + B(y,   m),   # h_y
+               min_{1<=y<n, m>=h+alpha} y + B(n-y, m-alpha) + B(y-1, m) )  # s_y
 A(n, m) = min( n + A(n-1, m),
-               min_{1<=y<n, m>=2}       y + A(n-y, m-1)     + A(y,   m),
-               min_{1<=y<n, m>=1+alpha} y + B(n-y, m-alpha) + A(y-1, m),
-               [m >= alpha]             1 + B(n-1, m-alpha+1) )          # release
+               min_{1<=y<n, m>=2h}      y + A(n-y, m-h)     + A(y,   m),
+               min_{1<=y<n, m>=h+alpha} y + B(n-y, m-alpha) + A(y-1, m),
+               [m >= alpha]             1 + B(n-1, m-alpha+h) )          # release
 ```
 
-The release branch frees h_s's unit and stores s_{s+1} (alpha units), so the
-remaining sub-problem from s_{s+1} gets `m - alpha + 1` units in the
-"start counts as one" convention. The cost of a problem is `A(t, m)` (h_0 is
+The release branch frees h_s's h units and stores s_{s+1} (alpha units), so
+the remaining sub-problem from s_{s+1} gets `m - alpha + h` units in the
+"start counts as h" convention. The cost of a problem is `A(t, m)` (h_0 is
 releasable). B is the paper's R except that the right part of a hidden split
-is releasable; A <= B <= R pointwise. Examples: A(6, 1) = 16 at alpha = 1
-(R = 21); A(200, 10) = 627 at alpha = 2 (R = 644). Verified against the
-brute-force search for t <= 7, alpha in {1, 2, 3}
-(tests/test_early_release.py).
+is releasable; A <= B <= R pointwise. Examples (h = 1): A(6, 1) = 16 at
+alpha = 1 (R = 21); A(200, 10) = 627 at alpha = 2 (R = 644).
 
-Plans
------
-`make_early_release_plan` emits a `keras_bptt.plan.Plan` (scheme
-"msm_early") with the op semantics of `keras_bptt.plan`; a release is
-`[RESTORE h_s,] DROP_HIDDEN h_s` followed by `FORWARD_STORE_INTERNAL s+1`.
-Hidden slots stay last-in first-out (a released start is always the most
-recently stored hidden state), and the final `DROP_HIDDEN 0 0` is omitted
-when h_0 was released.
+Closed forms and pruning
+------------------------
+With `kB(m) = (m - h) // alpha` (start held) or `kA(m) = m // alpha` (start
+released) internal states at most can be stored by the first sweep and still
+be held when the last step is backpropagated; every other step but the last
+is forwarded again, so `B(n, m) >= max(n, 2n - 1 - kB(m))` and
+`A(n, m) >= max(n, 2n - 1 - kA(m))`. B <= R = Q attains its bound where ISM
+does (`kB(m) >= certified_internal_slots(n)`, `keras_bptt._planner_msm`), and
+A attains its bound where the release reaches a certified B (`m >= alpha`,
+`kA(m) - 1 >= certified_internal_slots(n - 1)`) or where B does with
+`kA(m) = kB(m)`. With no room for an internal state (B: `m < h + alpha`,
+A: `m < alpha`) both are HSM's `C(n, m // h)`. Only the remaining cells --
+about `alpha * sqrt(2n)` columns of row n -- are filled by the recursions,
+row by row and vectorised over m, and the bounds restrict the splits tried:
+a split whose parts' lower bounds already reach the best cost known cannot
+win, and each column's previous optimal split seeds that best cost (splits
+move slowly with n).
+
+Helpers: `_fill_tables` fills A and B (`_fill_row` one row of both;
+`_splits` the hidden and internal splits of A or B, `_best_split` one of
+those four branches); `EarlyReleaseTable.cost`
+reads A/B or their closed forms; `EarlyReleaseTable.split` finds an optimal
+first action of A/B (closed-form actions where certified, else
+`_table_split` scans the recursion's branches) for
+`keras_bptt._planner_schedule.emit_ops(..., early_release=True)`, which
+emits the plan (a release is `[RESTORE h_s,] DROP_HIDDEN h_s` followed by
+`FORWARD_STORE_INTERNAL s+1`).
 
 Known limitations
 -----------------
-* `keras_bptt.simulator.simulate` rejects a plan whose release falls inside
-  the forward sweep (the root's release of h_0, or the release of the right
-  part of a hidden split on the initial path): its invariant "the forward
-  sweep may only forward and store" (`_FORWARD_SWEEP_OPCODES`) forbids the
-  `DROP_HIDDEN`. Such plans are otherwise valid (the tests run them through
-  the simulator with `DROP_HIDDEN` admitted in the sweep, which checks
-  register, slots, budget, cost and peak), but an executor that runs the
-  sweep as the layer's forward pass must support dropping there. Plans with
-  no release in the sweep pass `simulate` unchanged. No variant restricted
-  to sweep-free releases is provided.
-* Integer alpha: a non-integer alpha is rounded up (`ceil`) like the rest of
-  the planner, and memory rounded down; the plan's peak is reported with the
-  real alpha and never exceeds the budget.
-* Plain O(t^2 m) table (vectorised over the split point only), rebuilt on
-  every call (no cache): for t = 1000 about 0.7 s at m = 50 and 4.4 s at
-  m = 300 (alpha = 1), plus as much again to emit a plan; not meant for very long sequences with large budgets.
-  Rows above standard BPTT's memory `1 + (t-1) alpha` are not built (the cost
-  is t there).
-* Not wired into `keras_bptt.planner.make_plan` (no cache, no "auto").
+* Plans may drop hidden states inside the forward sweep (the release of h_0,
+  or of a hidden state stored on the initial path, right after its store);
+  executors must support that (`keras_bptt.program.Program.forward_release`).
+* Integer units: `keras_bptt.planner` discretises memory and alpha (its
+  `_dp_grid` and `_dp_units`, shared with `msm`); the plan's peak is
+  reported with the real alpha and never exceeds the budget.
+* The table fill costs up to about `t^2 alpha sqrt(t)` operations for budgets
+  just below the closed-form strip, times h on a finer grid, plus a fixed
+  cost per row (`estimated_work`), about twice `msm`'s (four split branches
+  instead of two); `auto` skips this scheme above
+  `keras_bptt.planner.EARLY_RELEASE_AUTO_WORK_LIMIT`. The tables take
+  `4 * (width + 1) * (t + 1)` integers.
+* Ties between branches are broken towards not storing, then hidden, then
+  internal splits, then release, so a plan releases only when that is
+  strictly cheaper in the table; plans are optimal, not unique.
+* With internal states smaller than hidden states (alpha below one slot, not
+  a real cell's), dropping other items early could be cheaper still: plans
+  stay valid and never worse than `msm`, but may not be optimal then.
 """
 
-import array
-import math
+import collections
 
 import numpy as np
 
+from keras_bptt import _planner_closed_form as closed_form
+from keras_bptt import _planner_msm as msm
 from keras_bptt import _planner_schedule as schedule
-from keras_bptt import plan as plan_lib
 
-SCHEME = "msm_early"
-
-_NONE, _HIDDEN, _INTERNAL, _RELEASE = range(4)
-_INFINITY = np.iinfo(np.int64).max // 4
-_ALPHA_TOLERANCE = 1e-9
-
-
-def early_release_cost(length, memory, alpha=1):
-    """Fewest forward ops with early release: `A(length, memory)`.
-
-    Example:
-
-    >>> early_release_cost(6, 1, alpha=1), early_release_cost(200, 10, alpha=2)
-    (16, 627)
-    """
-    length, units, alpha_units = _units(length, memory, alpha)
-    return int(_Tables(length, units, alpha_units).a_cost[units, length])
+_COLUMN_GROUP = 64
+_ROW_WORK = 65_000  # a row's fixed cost (about 65 us) in split evaluations
+_RECENT_TABLES = collections.deque(maxlen=4)
+# What filling a row needs (`_fill_tables`): the tables, sizes, bounds kB and
+# kA per column, and scratch space for one group of split evaluations.
+_Fill = collections.namedtuple(
+    "_Fill", "a b alpha hidden k_held k_released scratch")
 
 
-def make_early_release_plan(length, memory, alpha=1):
-    """The op sequence of an optimal early-release schedule (`Plan`).
+def table_width(length, memory, alpha, hidden=1):
+    """Columns (memory values, in units) of the tables a (t, m) problem needs.
 
-    Args:
-        length: Sequence length t >= 1.
-        memory: Budget in hidden-state units, h_0 included (>= 1; `None` or
-            `math.inf` for unlimited).
-        alpha: Internal-state size in hidden-state units (rounded up for the
-            schedule, reported exactly in `peak_memory`).
-
-    Returns:
-        A `keras_bptt.plan.Plan` with scheme "msm_early" whose `cost` is
-        `early_release_cost(length, memory, alpha)`.
+    0 when closed forms answer every sub-problem; otherwise at most
+    `_last_column(certified_internal_slots(t))`, above which A and B are in
+    closed form for every n <= t.
 
     Example:
 
-    >>> plan = make_early_release_plan(6, 1)
-    >>> plan.cost, plan.peak_memory
-    (16, 1.0)
+    >>> table_width(1000, 150, 3), table_width(1000, 60, 3)
+    (0, 60)
     """
-    length, units, alpha_units = _units(length, memory, alpha)
-    tables = _Tables(length, units, alpha_units)
-    ops = _emit_ops(length, units, alpha_units, tables)
-    forward_ops, peak, hidden_slots, internal_slots = schedule.ops_statistics(
-        ops, float(alpha))
-    cost = int(tables.a_cost[units, length])
-    assert forward_ops == cost, (forward_ops, cost)
-    ops.setflags(write=False)
-    return plan_lib.Plan(
-        scheme=SCHEME,
-        length=length,
-        memory=math.inf if memory is None else float(memory),
-        alpha=float(alpha),
-        cost=cost,
-        peak_memory=peak,
-        hidden_slots=hidden_slots,
-        internal_slots=internal_slots,
-        ops=ops,
-    )
+    if memory < alpha or _a_certified(length, memory, alpha, hidden):
+        return 0
+    certified = msm.certified_internal_slots(length)
+    return min(memory, _last_column(certified, alpha, hidden))
 
 
-def _units(length, memory, alpha):
-    """Checked `(t, integer memory, integer alpha)`, memory capped at saturation."""
-    if isinstance(length, bool) or int(length) != length or length < 1:
-        raise ValueError(f"length must be an integer >= 1, got {length!r}.")
-    length = int(length)
-    if not (0 < alpha < math.inf):
-        raise ValueError(f"alpha must be positive and finite, got {alpha!r}.")
-    alpha_units = max(1, math.ceil(alpha - _ALPHA_TOLERANCE))
-    if memory is None:
-        memory = math.inf
-    if not memory >= 1:
-        raise ValueError(
-            f"memory must be >= 1 unit (h_0 included), got {memory!r}.")
-    saturation = 1 + (length - 1) * alpha_units
-    units = saturation if memory >= saturation else int(math.floor(memory))
-    return length, units, alpha_units
+def _last_column(certified, alpha, hidden):
+    """The largest m where A or B may need the table (elementwise)."""
+    return alpha * certified + max(hidden, alpha) - 1
 
 
-class _Tables:
-    """The tables of the recursions A (releasable start) and B (held start).
+def estimated_work(length, width, alpha, hidden=1):
+    """Split evaluations of the unpruned fill of `width` columns (a bound).
 
-    `a_cost[m, n]`, `b_cost[m, n]` for 1 <= m <= units, 0 <= n <= length,
-    and the chosen branch (`*_kind`) and split point (`*_split`) of each.
-    Row 0 is unused (infinite). Rows are filled in increasing m, each row in
-    increasing n: B(n, m) reads rows m-1, m-alpha and row m at y < n;
-    A(n, m) also reads B(n-1, m-alpha+1), already filled (alpha >= 1).
+    Each row also costs a fixed `_ROW_WORK` evaluations' worth of NumPy
+    calls, which dominates narrow tables.
+
+    Example:
+
+    >>> estimated_work(1000, 0, 3), estimated_work(1000, 60, 3) > 10**8
+    (0, True)
+    """
+    first = max(hidden, alpha)
+    if width < first:
+        return 0
+    rows = np.arange(2, length + 1, dtype=np.int64)
+    last = np.minimum(
+        width, _last_column(msm.certified_internal_slots(rows), alpha, hidden))
+    splits = 4 * np.sum((rows - 1) * np.clip(last - first + 1, 0, None))
+    return int(splits + _ROW_WORK * len(rows))
+
+
+def shared_table(length, width, alpha, hidden=1):
+    """A table covering (t, width), reused across plans (auto, CLI, layers)."""
+    for table in _RECENT_TABLES:
+        if (table.alpha, table.hidden) == (alpha, hidden) and table.covers(
+            length, width
+        ):
+            return table
+    table = EarlyReleaseTable(length, width, alpha, hidden)
+    if width >= max(hidden, alpha):
+        _RECENT_TABLES.append(table)
+    return table
+
+
+class EarlyReleaseTable:
+    """`A(n, m)` and `B(n, m)` for `n <= length` and integer `m` (module doc).
+
+    Attributes:
+        length: Largest n covered.
+        width: Largest m held in the tables; problems with more memory are
+            answered in closed form.
+        alpha: Internal-state size in memory units (an int).
+        hidden: Hidden-state size in memory units (an int, 1 by default).
+
+    Example:
+
+    >>> table = EarlyReleaseTable(200, 10, alpha=2)
+    >>> table.cost(200, 10), table.cost(200, 10, releasable=False)
+    (627, 628)
+    >>> split = EarlyReleaseTable(6, 1, alpha=1).split(6, 1, releasable=True)
+    >>> split == (schedule.RELEASE, 1)  # drop h_0, keep s_1 instead
+    True
     """
 
-    def __init__(self, length, units, alpha):
-        shape = (units + 1, length + 1)
+    def __init__(self, length, width, alpha, hidden=1):
+        self.length = length
+        self.width = width
         self.alpha = alpha
-        self.a_cost = np.full(shape, _INFINITY, dtype=np.int64)
-        self.b_cost = np.full(shape, _INFINITY, dtype=np.int64)
-        self.a_kind = np.zeros(shape, dtype=np.int8)
-        self.b_kind = np.zeros(shape, dtype=np.int8)
-        self.a_split = np.zeros(shape, dtype=np.int64)
-        self.b_split = np.zeros(shape, dtype=np.int64)
-        for m in range(1, units + 1):
-            self._fill_row(m, length)
+        self.hidden = hidden
+        self._a, self._b = _fill_tables(length, width, alpha, hidden)
 
-    def _fill_row(self, m, length):
-        """Row m of both recursions (see the module docstring)."""
-        alpha = self.alpha
-        a_row, b_row = self.a_cost[m], self.b_cost[m]
-        a_row[0] = b_row[0] = 0
-        if length >= 1:
-            a_row[1] = b_row[1] = 1
-        hidden_ok = m >= 2
-        internal_ok = m >= 1 + alpha
-        release_ok = m >= alpha
-        a_prev = self.a_cost[m - 1] if hidden_ok else None
-        b_internal = self.b_cost[m - alpha] if internal_ok else None
-        b_release = self.b_cost[m - alpha + 1] if release_ok else None
-        ys_all = np.arange(1, length + 1, dtype=np.int64)
-        for n in range(2, length + 1):
-            ys = ys_all[: n - 1]
-            # B(n, m)
-            best, kind, split = n + b_row[n - 1], _NONE, n
-            if hidden_ok:
-                best, kind, split = _better(
-                    best, kind, split, _HIDDEN,
-                    ys + a_prev[n - 1:0:-1] + b_row[1:n])
-            if internal_ok:
-                best, kind, split = _better(
-                    best, kind, split, _INTERNAL,
-                    ys + b_internal[n - 1:0:-1] + b_row[0:n - 1])
-            b_row[n], self.b_kind[m, n], self.b_split[m, n] = best, kind, split
-            # A(n, m)
-            best, kind, split = n + a_row[n - 1], _NONE, n
-            if hidden_ok:
-                best, kind, split = _better(
-                    best, kind, split, _HIDDEN,
-                    ys + a_prev[n - 1:0:-1] + a_row[1:n])
-            if internal_ok:
-                best, kind, split = _better(
-                    best, kind, split, _INTERNAL,
-                    ys + b_internal[n - 1:0:-1] + a_row[0:n - 1])
-            if release_ok and 1 + b_release[n - 1] < best:
-                best, kind, split = 1 + b_release[n - 1], _RELEASE, 1
-            a_row[n], self.a_kind[m, n], self.a_split[m, n] = best, kind, split
+    def covers(self, length, width):
+        return length <= self.length and width <= self.width
+
+    def cost(self, length, memory, releasable=True):
+        """`A(t, m)` (releasable start) or `B(t, m)`."""
+        n, m, alpha, hidden = length, memory, self.alpha, self.hidden
+        if n <= 1:
+            return n
+        if m < alpha or (m < hidden + alpha and not releasable):
+            return closed_form.hsm_cost(n, m // hidden)
+        if releasable and _a_certified(n, m, alpha, hidden):
+            return max(n, 2 * n - 1 - m // alpha)
+        if not releasable and _b_certified(n, m, alpha, hidden):
+            return max(n, 2 * n - 1 - (m - hidden) // alpha)
+        return int((self._a if releasable else self._b)[m, n])
+
+    def split(self, length, memory, releasable):
+        """An optimal first action at (t, m): `(HIDDEN | INTERNAL | RELEASE, y)`.
+
+        A policy for `keras_bptt._planner_schedule.emit_ops` with
+        `early_release=True`; `(INTERNAL, t)` stores nothing.
+        """
+        n, m, alpha, hidden = length, memory, self.alpha, self.hidden
+        if m < alpha or (m < hidden + alpha and not releasable):
+            if m < 2 * hidden:
+                return schedule.INTERNAL, n
+            return schedule.HIDDEN, closed_form.hsm_split(n, m // hidden)
+        k_held, k_released = (m - hidden) // alpha, m // alpha
+        if _b_certified(n, m, alpha, hidden) and (
+            not releasable or k_released == k_held
+        ):
+            return schedule.INTERNAL, closed_form.ism_split(n, k_held)
+        if releasable and _a_certified(n, m, alpha, hidden):
+            return schedule.RELEASE, 1
+        return _table_split(self._a, self._b, n, m, alpha, hidden, releasable)
 
 
-def _better(best, kind, split, new_kind, candidates):
-    """The cheaper of the current branch and the best split of `candidates`.
+def _b_certified(n, m, alpha, hidden):
+    """Whether `B(n, m) = max(n, 2n - 1 - kB(m))` (ISM's certified strip)."""
+    return (m - hidden) // alpha >= msm.certified_internal_slots(n)
 
-    `candidates[y - 1]` is the cost of branch `new_kind` at split y; ties
-    keep the current branch (so plans release only when it pays).
+
+def _a_certified(n, m, alpha, hidden):
+    """Whether `A(n, m) = max(n, 2n - 1 - kA(m))` (module docstring)."""
+    k_released = m // alpha
+    if m >= alpha and k_released - 1 >= msm.certified_internal_slots(max(n - 1, 0)):
+        return True
+    return k_released == (m - hidden) // alpha and _b_certified(n, m, alpha, hidden)
+
+
+def _table_split(a, b, n, m, alpha, hidden, releasable):
+    """Backtracks one cell: the first branch and split that attain it."""
+    table = a if releasable else b
+    target = table[m, n]
+    if n + table[m, n - 1] == target:
+        return schedule.INTERNAL, n
+    splits = np.arange(1, n)
+    branches = ((schedule.HIDDEN, table[m, 1:n] + a[m - hidden, n - 1:0:-1]),)
+    if m >= alpha:
+        branches += (
+            (schedule.INTERNAL, table[m, :n - 1] + b[m - alpha, n - 1:0:-1]),)
+    for kind, values in branches:
+        (attaining,) = np.nonzero(splits + values == target)
+        if len(attaining):
+            return kind, int(splits[attaining[0]])
+    if releasable and m >= alpha and 1 + b[m - alpha + hidden, n - 1] == target:
+        return schedule.RELEASE, 1
+    raise AssertionError(f"early-release table inconsistent at n={n}, m={m}")
+
+
+def _fill_tables(length, width, alpha, hidden):
+    """`(a, b)` with `a[m, n] = A(n, m)`, `b[m, n] = B(n, m)`, m <= width.
+
+    Rows m < hidden are infinite (h_0 does not fit). `None, None` when no
+    column needs the recursions (`width < max(hidden, alpha)`). With
+    `alpha < hidden` a release leaves more units than it found
+    (`m - alpha + hidden`): B then has that many more columns than A.
     """
-    index = int(np.argmin(candidates))
-    value = candidates[index]
-    if value < best:
-        return value, new_kind, index + 1
-    return best, kind, split
+    first = max(hidden, alpha)  # A's first column with a release
+    if width < first:
+        return None, None
+    a_width, width = width, width + max(0, hidden - alpha)
+    dtype = np.int32 if length * (length + 1) < 2**30 else np.int64
+    shape = (width + 1, length + 1)
+    a, b = np.zeros(shape, dtype), np.zeros(shape, dtype)
+    a[:hidden] = b[:hidden] = np.iinfo(dtype).max // 4
+    a[hidden:, 1] = b[hidden:, 1] = 1
+    for m in range(hidden, min(width, hidden + alpha - 1) + 1):  # B's HSM
+        a[m] = b[m] = [closed_form.hsm_cost(n, m // hidden)
+                       for n in range(length + 1)]
+    memory = np.arange(width + 1)
+    k_held = np.maximum(memory - hidden, 0) // alpha
+    k_released = memory // alpha
+    # a_plus[m, y] = y + A(y, m), b_plus[m, y] = y + B(y, m): the left parts.
+    a_plus, b_plus = np.zeros_like(a), np.zeros_like(b)
+    a_plus[:, 1] = b_plus[:, 1] = 2
+    guesses = np.ones((4, width + 1), dtype=np.int64)
+    fill = _Fill(a, b, alpha, hidden, k_held, k_released,
+                 np.empty(length * _COLUMN_GROUP, dtype=dtype))
+    certified = msm.certified_internal_slots(np.arange(length + 1))
+    for n in range(2, length + 1):
+        # Columns above `last` are certified for A and B (module docstring).
+        last = min(width, _last_column(certified[n], alpha, hidden))
+        b[last + 1:, n] = np.maximum(n, 2 * n - 1 - k_held[last + 1:])
+        a[last + 1:, n] = np.maximum(n, 2 * n - 1 - k_released[last + 1:])
+        if last >= first:
+            _fill_row(fill, a_plus, b_plus, n, memory[first: last + 1],
+                      min(last, a_width), guesses)
+        a_plus[:, n] = n + a[:, n]
+        b_plus[:, n] = n + b[:, n]
+    return a, b
 
 
-_SOLVE, _DROP_HIDDEN, _BACKWARD_INTERNAL = range(3)
+def _fill_row(fill, a_plus, b_plus, n, columns, a_last, guesses):
+    """B(n, m) for `columns`, A(n, m) for those up to `a_last` (rows < n filled).
 
-
-def _emit_ops(length, units, alpha, tables):
-    """Runs the A/B recursions' choices and returns the op rows.
-
-    An explicit stack (deep recursions for large t); a task is
-    `(task, start, n, m, releasable, restore opcode, restore slot,
-    register already at the start)`. `released` holds the steps whose hidden
-    state a release already dropped, so that the pending `DROP_HIDDEN` of
-    the owner (or the final `DROP_HIDDEN 0 0`) is skipped.
+    B first, where an internal state fits (below, B is HSM's and kept);
+    B(n, m) then seeds A(n, m) <= B(n, m).
     """
-    records = array.array("q")
-    emit = records.extend
-    emit((plan_lib.STORE_HIDDEN, 0, 0, 1))
-    live_hidden, live_internal = 1, 0
-    released = set()
-    stack = [(_SOLVE, 0, length, units, True, plan_lib.RESTORE, 0, True)]
-    pop, push = stack.pop, stack.append
-    while stack:
-        task, start, n, m, releasable, restore, source, at_start = pop()
-        if task == _DROP_HIDDEN:
-            if start in released:
-                released.discard(start)
-            else:
-                emit((plan_lib.DROP_HIDDEN, start, source, 1))
-                live_hidden -= 1
+    a, b, alpha, hidden = fill.a, fill.b, fill.alpha, fill.hidden
+    b_columns = columns[columns >= hidden + alpha]
+    b[b_columns, n] = _splits(fill, n + b[b_columns, n - 1], b_columns, n,
+                              b_plus, fill.k_held, guesses[:2])
+    columns = columns[columns <= a_last]
+    best_a = np.minimum(n + a[columns, n - 1], b[columns, n])
+    best_a = np.minimum(best_a, 1 + b[columns - alpha + hidden, n - 1])  # release
+    a[columns, n] = _splits(fill, best_a, columns, n, a_plus, fill.k_released,
+                            guesses[2:])
+
+
+def _splits(fill, best, columns, n, left, k_left, guesses):
+    """`best` improved by the hidden and the internal splits of row n.
+
+    `left[m, y]` is y + (the left part's cost at y) and `k_left` the left
+    part's internal-state bound (kB or kA); the right part is
+    `A(n - y, m - h)` for a hidden split, `B(n - y, m - alpha)` for an
+    internal one.
+    """
+    k = k_left[columns]
+    best = _best_split(best, columns, n, left, 0, fill.a, fill.hidden,
+                       1 + k + fill.k_released[columns - fill.hidden],
+                       guesses[0], fill.scratch)
+    return _best_split(best, columns, n, left, 1, fill.b, fill.alpha,
+                       3 + k + fill.k_held[columns - fill.alpha],
+                       guesses[1], fill.scratch)
+
+
+def _best_split(best, columns, n, left, internal, right, shift, bound_offset,
+                guess, scratch):
+    """Improves `best` with one split branch, for every column of row n.
+
+    A hidden split (`internal` 0) costs `left[m, y] + right[m - shift, n - y]`,
+    an internal one `left[m, y - 1] + 1 + right[m - shift, n - y]`, with
+    `left[m, y]` = y + (the left part's cost at y). By the lower bounds of
+    the module docstring a split y cannot win above `best - 2n +
+    bound_offset`. `guess` holds each column's last winning split.
+    """
+    if not len(columns):
+        return best
+    y = np.minimum(guess[columns], n - 1)
+    at_guess = (left[columns, y - internal] + internal
+                + right[columns - shift, n - y])
+    best = np.minimum(best, at_guess)
+    useful = best - 2 * n + bound_offset
+    for start in range(0, len(columns), _COLUMN_GROUP):
+        group = slice(start, start + _COLUMN_GROUP)
+        splits = min(n - 1, int(useful[group].max()))
+        if splits < 1:
             continue
-        if task == _BACKWARD_INTERNAL:
-            emit((plan_lib.BACKWARD_INTERNAL, start, source, 1))
-            live_internal -= 1
-            continue
-        if n == 0:
-            continue
-        if n == 1:
-            kind, y = _NONE, 1
-        elif releasable:
-            kind, y = int(tables.a_kind[m, n]), int(tables.a_split[m, n])
-        else:
-            kind, y = int(tables.b_kind[m, n]), int(tables.b_split[m, n])
-        if not at_start:
-            emit((restore, start, source, 1))
-        if kind == _HIDDEN:
-            emit((plan_lib.FORWARD, start + 1, 0, y))
-            emit((plan_lib.STORE_HIDDEN, start + y, live_hidden, 1))
-            push((_SOLVE, start, y, m, releasable, restore, source, False))
-            push((_DROP_HIDDEN, start + y, 0, 0, False, 0, live_hidden, False))
-            push((_SOLVE, start + y, n - y, m - 1, True,
-                  plan_lib.RESTORE, live_hidden, True))
-            live_hidden += 1
-        elif kind == _NONE:
-            emit((plan_lib.FORWARD, start + 1, 0, n))
-            emit((plan_lib.BACKWARD, start + n, 0, 1))
-            push((_SOLVE, start, n - 1, m, releasable, restore, source, False))
-        elif kind == _INTERNAL:
-            if y > 1:
-                emit((plan_lib.FORWARD, start + 1, 0, y - 1))
-            emit((plan_lib.FORWARD_STORE_INTERNAL, start + y, live_internal, 1))
-            push((_SOLVE, start, y - 1, m, releasable, restore, source, False))
-            push((_BACKWARD_INTERNAL, start + y, 0, 0, False, 0,
-                  live_internal, False))
-            push((_SOLVE, start + y, n - y, m - alpha, False,
-                  plan_lib.RESTORE_INTERNAL, live_internal, True))
-            live_internal += 1
-        else:  # _RELEASE: a releasable start is always a hidden state.
-            assert releasable and restore == plan_lib.RESTORE
-            assert source == live_hidden - 1, "released start is not on top"
-            emit((plan_lib.DROP_HIDDEN, start, source, 1))
-            live_hidden -= 1
-            released.add(start)
-            emit((plan_lib.FORWARD_STORE_INTERNAL, start + 1, live_internal, 1))
-            push((_BACKWARD_INTERNAL, start + 1, 0, 0, False, 0,
-                  live_internal, False))
-            push((_SOLVE, start + 1, n - 1, m - alpha + 1, False,
-                  plan_lib.RESTORE_INTERNAL, live_internal, True))
-            live_internal += 1
-    if 0 in released:
-        released.discard(0)
-    else:
-        emit((plan_lib.DROP_HIDDEN, 0, 0, 1))
-        live_hidden -= 1
-    assert not released and live_hidden == 0 and live_internal == 0
-    return schedule._expand_records(
-        np.frombuffer(records, dtype=np.int64).reshape(-1, 4))
+        m0, m1 = int(columns[group][0]), int(columns[group][-1]) + 1
+        values = scratch[: (m1 - m0) * splits].reshape(m1 - m0, splits)
+        np.add(left[m0:m1, 1 - internal: splits + 1 - internal],
+               right[m0 - shift: m1 - shift, n - splits: n][:, ::-1], out=values)
+        argmin = values.argmin(axis=1)
+        found = values[np.arange(m1 - m0), argmin] + internal
+        better = found < best[group]
+        best[group] = np.where(better, found, best[group])
+        guess[m0:m1] = np.where(better, argmin + 1, guess[m0:m1])
+    return best

@@ -10,32 +10,44 @@ Implements the "mixed storage" recursion of
                    min_y [y + R(t-y, m-1)     + R(y,   m)],   # store h_y
                    min_y [y + R(t-y, m-alpha) + R(y-1, m)] )  # store s_y
 
+Memory is counted in integer *units*: a hidden state takes `hidden` units
+(1 in the paper; `keras_bptt.planner` uses a finer grid, `hidden = g` units
+of 1/g slot each, so that a non-integer alpha is rounded up to a multiple of
+1/g instead of to an integer) and an internal state `alpha` units. Below,
+"m - 1" reads "m - hidden", and "1 + alpha" "hidden + alpha"; `k(m) =
+floor((m - hidden) / alpha)` is the number of internal states that fit
+beside h_0.
+
 Unlike C (HSM) and Q (ISM), R is not convex in t, so it has no marginal-count
 closed form and the table is genuinely needed -- but only on a thin strip:
 
-* `m < 1 + alpha` leaves no room for an internal state: R = C, closed form.
-* With `k = floor((m-1)/alpha)` internal slots, no schedule costs less than
+* `m < hidden + alpha` leaves no room for an internal state: R = C (with
+  `floor(m / hidden)` slots), closed form.
+* With `k = k(m)` internal slots, no schedule costs less than
   `max(t, 2t - 1 - k)`: each step is forwarded once by the first sweep, and
   every step but t is forwarded again unless its internal state was stored
   during that sweep and is still held when step t is backpropagated, next to
   h_0 -- at most k of them. ISM reaches that bound for `t <= N_k(2)`
   (`ism_saturation_length`), so there `R = Q = max(t, 2t - 1 - k)`.
 
-The remaining cells (`1 + alpha <= m` and `t > N_k(2)`, about
+The remaining cells (`hidden + alpha <= m` and `t > N_k(2)`, about
 `alpha * sqrt(2t)` columns per row) are filled row by row (t ascending),
 vectorised over m. The same lower bound, `R(s, mu) >= 2s - 1 - k(mu)`,
 limits the splits worth evaluating: a hidden split y can only beat a known
-upper bound U if `y <= U - 2t + S(m) + S(m-1) - 1` (S = k + 1), an internal
-one if `y <= U - 2t + 1 + S(m) + S(m-alpha)`. U comes from the no-storage
+upper bound U if `y <= U - 2t + S(m) + S(m-hidden) - 1` (S = k + 1), an
+internal one if `y <= U - 2t + 1 + S(m) + S(m-alpha)`. U comes from the no-storage
 branch and from each column's previous optimal split (splits move slowly
 with t, so that guess is usually optimal and the bound is tight).
 
 Known limitations:
 
 * The table costs `O(t^2 * alpha * sqrt(t))` time in the worst case (budgets
-  just below the closed-form strip); `estimated_work` predicts it so the
-  planner can refuse tables that would take more than a few seconds.
-* alpha must be an integer here (`keras_bptt.planner` rounds it up).
+  just below the closed-form strip), alpha in units: a grid of g units per
+  slot multiplies columns, time and memory by about g. `estimated_work`
+  predicts it so the planner can refuse tables that would take more than a
+  few seconds.
+* alpha and hidden must be integers here (`keras_bptt.planner` rounds alpha
+  up to its grid).
 """
 
 import collections
@@ -65,53 +77,73 @@ def certified_internal_slots(length):
     return int(k) if k.ndim == 0 else k
 
 
-def table_width(length, memory, alpha):
-    """Columns (memory values) of the table a (t, m) problem needs.
+def table_width(length, memory, alpha, hidden=1):
+    """Columns (memory values, in units) of the table a (t, m) problem needs.
 
-    0 when closed forms answer it: a problem with `m <= alpha` has only HSM
-    sub-problems, and ISM's optimal splits keep a certified problem's
-    sub-problems certified.
+    0 when closed forms answer it: a problem with `m < hidden + alpha` has
+    only HSM sub-problems, and ISM's optimal splits keep a certified
+    problem's sub-problems certified.
+
+    Example:
+
+    >>> table_width(1000, 150, 3), table_width(1000, 60, 3)
+    (0, 60)
     """
     certified = certified_internal_slots(length)
-    if memory <= alpha or (memory - 1) // alpha >= certified:
+    if memory < hidden + alpha or (memory - hidden) // alpha >= certified:
         return 0
-    return min(memory, alpha * certified)
+    return min(memory, _last_table_column(certified, alpha, hidden))
 
 
-def estimated_work(length, width, alpha):
+def _last_table_column(certified, alpha, hidden):
+    """The largest m with `k(m) < certified` (elementwise on arrays)."""
+    return hidden - 1 + alpha * certified
+
+
+def estimated_work(length, width, alpha, hidden=1):
     """Split evaluations of the unpruned table fill (an upper bound)."""
     rows = np.arange(2, length + 1, dtype=np.int64)
-    last_column = np.minimum(width, alpha * certified_internal_slots(rows))
-    return int(2 * np.sum((rows - 1) * np.clip(last_column - alpha, 0, None)))
+    last_column = np.minimum(
+        width, _last_table_column(certified_internal_slots(rows), alpha, hidden)
+    )
+    columns = np.clip(last_column - (hidden + alpha - 1), 0, None)
+    return int(2 * np.sum((rows - 1) * columns))
 
 
-def shared_table(length, width, alpha):
+def shared_table(length, width, alpha, hidden=1):
     """A table covering (t, width), reused across plans (CLI curves, layers)."""
-    if width <= alpha:
-        return MsmTable(length, width, alpha)  # closed forms only: nothing to fill
+    if width < hidden + alpha:
+        # Closed forms only: nothing to fill.
+        return MsmTable(length, width, alpha, hidden)
     for table in _RECENT_TABLES:
-        if table.alpha == alpha and table.covers(length, width):
+        if (table.alpha, table.hidden) == (alpha, hidden) and table.covers(
+            length, width
+        ):
             return table
-    table = MsmTable(length, width, alpha)
+    table = MsmTable(length, width, alpha, hidden)
     _RECENT_TABLES.append(table)
     return table
 
 
 class MsmTable:
-    """`R(t, m)` for `t <= length` and integer memory `m` (alpha integer).
+    """`R(t, m)` for `t <= length` and integer memory `m` (in units).
 
     Attributes:
         length: Largest t covered.
         width: Largest m held in the table; larger m are in ISM's closed form
             for every `t <= length`.
         alpha: Internal-state size in memory units (an int).
+        hidden: Hidden-state size in memory units (an int, 1 by default).
+
+    Problems need `m >= hidden` (h_0 must fit).
     """
 
-    def __init__(self, length, width, alpha):
+    def __init__(self, length, width, alpha, hidden=1):
         self.length = length
         self.width = width
         self.alpha = alpha
-        self._table = _fill_table(length, width, alpha)
+        self.hidden = hidden
+        self._table = _fill_table(length, width, alpha, hidden)
 
     def covers(self, length, width):
         return length <= self.length and width <= self.width
@@ -120,9 +152,9 @@ class MsmTable:
         """`R(t, m)`."""
         if length == 0:
             return 0
-        if memory <= self.alpha:
-            return closed_form.hsm_cost(length, memory)
-        k = (memory - 1) // self.alpha
+        if memory < self.hidden + self.alpha:
+            return closed_form.hsm_cost(length, memory // self.hidden)
+        k = (memory - self.hidden) // self.alpha
         if k >= certified_internal_slots(length):
             return max(length, 2 * length - 1 - k)
         return int(self._table[memory, length])
@@ -132,20 +164,25 @@ class MsmTable:
 
         `(INTERNAL, t)` stores nothing: forward to t and backpropagate it.
         """
-        if memory == 1 or length == 1:
+        if length == 1:
             return INTERNAL, length
-        if memory <= self.alpha:
-            return HIDDEN, closed_form.hsm_split(length, memory)
-        k = (memory - 1) // self.alpha
+        if memory < self.hidden + self.alpha:
+            slots = memory // self.hidden
+            if slots == 1:
+                return INTERNAL, length
+            return HIDDEN, closed_form.hsm_split(length, slots)
+        k = (memory - self.hidden) // self.alpha
         if k >= certified_internal_slots(length):
             return INTERNAL, closed_form.ism_split(length, k)
-        return _optimal_table_split(self._table, length, memory, self.alpha)
+        return _optimal_table_split(
+            self._table, length, memory, self.alpha, self.hidden
+        )
 
 
-def _optimal_table_split(table, length, memory, alpha):
+def _optimal_table_split(table, length, memory, alpha, hidden_units):
     """Backtracks one cell: the first branch and split that attain R(t, m)."""
     n, m, splits = length, memory, np.arange(1, length)
-    hidden = splits + table[m, 1:n] + table[m - 1, n - 1 : 0 : -1]
+    hidden = splits + table[m, 1:n] + table[m - hidden_units, n - 1 : 0 : -1]
     internal = splits + table[m - alpha, n - 1 : 0 : -1] + table[m, : n - 1]
     target = table[m, n]
     if n + table[m, n - 1] == target:
@@ -157,21 +194,23 @@ def _optimal_table_split(table, length, memory, alpha):
     raise AssertionError(f"MSM table inconsistent at t={n}, m={m}")
 
 
-def _fill_table(length, width, alpha):
+def _fill_table(length, width, alpha, hidden=1):
     """Fills `table[m, t] = R(t, m)` for `t <= length`, `m <= width`.
 
-    Returns None when `width <= alpha`: then every cell has a closed form.
+    Returns None when `width < hidden + alpha`: then every cell has a closed
+    form.
     """
-    if width <= alpha:
+    if width < hidden + alpha:
         return None
     dtype = np.int32 if length * (length + 1) < 2**30 else np.int64
     table = np.zeros((width + 1, length + 1), dtype=dtype)
-    table[0] = np.iinfo(dtype).max // 4  # m = 0 is never feasible
-    hsm_columns = min(alpha, width)
-    for m in range(1, hsm_columns + 1):
-        table[m] = [closed_form.hsm_cost(n, m) for n in range(length + 1)]
+    table[:hidden] = np.iinfo(dtype).max // 4  # m < hidden is never feasible
+    hsm_columns = min(hidden + alpha - 1, width)  # no internal state fits
+    for slots in range(1, hsm_columns // hidden + 1):
+        rows = slice(slots * hidden, min((slots + 1) * hidden, hsm_columns + 1))
+        table[rows] = [closed_form.hsm_cost(n, slots) for n in range(length + 1)]
     memory = np.arange(width + 1)
-    first_sweep_bound = 1 + (memory - 1) // alpha  # S(m) = k + 1
+    first_sweep_bound = 1 + (memory - hidden) // alpha  # S(m) = k + 1
     # left_hidden[m, y] = y + R(y, m); left_internal[m, y] = y + R(y - 1, m).
     left_hidden = np.zeros_like(table)
     left_internal = np.zeros_like(table)
@@ -180,14 +219,16 @@ def _fill_table(length, width, alpha):
     scratch = np.empty(length * (width + 1), dtype=dtype)
     for n in range(1, length + 1):
         column = table[:, n]
-        last_table_column = min(width, alpha * certified_internal_slots(n))
+        last_table_column = min(
+            width, _last_table_column(certified_internal_slots(n), alpha, hidden)
+        )
         closed = max(hsm_columns, last_table_column) + 1
-        k = (memory[closed:] - 1) // alpha
+        k = (memory[closed:] - hidden) // alpha
         column[closed:] = np.maximum(n, 2 * n - 1 - k)
-        if n >= 2 and last_table_column > alpha:
-            columns = memory[alpha + 1 : last_table_column + 1]
+        if n >= 2 and last_table_column > hsm_columns:
+            columns = memory[hsm_columns + 1 : last_table_column + 1]
             column[columns] = _fill_row(
-                table, left_hidden, left_internal, n, columns, alpha,
+                table, left_hidden, left_internal, n, columns, alpha, hidden,
                 first_sweep_bound, guesses, scratch,
             )
         left_hidden[:, n] = n + column
@@ -196,7 +237,7 @@ def _fill_table(length, width, alpha):
     return table
 
 
-def _fill_row(table, left_hidden, left_internal, n, columns, alpha,
+def _fill_row(table, left_hidden, left_internal, n, columns, alpha, hidden,
               first_sweep_bound, guesses, scratch):
     """R(n, m) for the table columns of row n (rows < n already filled)."""
     guess_hidden, guess_internal = guesses
@@ -205,14 +246,15 @@ def _fill_row(table, left_hidden, left_internal, n, columns, alpha,
     best = np.minimum(
         n + table[columns, n - 1],
         np.minimum(
-            left_hidden[columns, y_hidden] + table[columns - 1, n - y_hidden],
+            left_hidden[columns, y_hidden]
+            + table[columns - hidden, n - y_hidden],
             left_internal[columns, y_internal]
             + table[columns - alpha, n - y_internal],
         ),
     )
     bound = first_sweep_bound
     branches = (
-        (left_hidden, 1, guess_hidden, bound[columns - 1] - 1),
+        (left_hidden, hidden, guess_hidden, bound[columns - hidden] - 1),
         (left_internal, alpha, guess_internal, bound[columns - alpha] + 1),
     )
     for left, shift, guess, bound_offset in branches:

@@ -13,12 +13,25 @@ state h_s is stored, with `memory` units), it picks one action:
 * `(INTERNAL, n)`: store nothing: forward to s+n, backpropagate it, solve
   s+1..s+n-1 with the same memory (the recursions' `t + X(t-1, m)` branch).
 
+With early release (scheme `msm_early`, `keras_bptt._planner_early_release`)
+a sub-problem's start state may be dropped before the sub-problem ends. A
+start is *releasable* when nothing outside the sub-problem needs it: h_0 at
+the root, the right part of a `HIDDEN` split, and the left part of a
+releasable sub-problem (`INTERNAL` right parts restart from a stored internal
+state and are not). The policy is then called as `split(n, memory,
+releasable)` and may also pick:
+
+* `(RELEASE, 1)`, releasable start h_s only: drop h_s, forward s+1 storing
+  s_{s+1}; solve s+2..s+n (restarting from s_{s+1}, not releasable) with
+  `memory - alpha + 1` units; backpropagate s+1 from its internal state.
+
 `emit_ops` runs that recursion with an explicit stack (t = 100,000 would
 overflow Python's recursion limit), records forward runs as single records
-and expands them with NumPy. The recursion stores every item until its
-sub-problem ends, which is the paper's model; slots are therefore reused
-last-in first-out, and the slot index of a new item is the number of items of
-its kind already stored.
+and expands them with NumPy. Without early release every item is kept until
+its sub-problem ends, the paper's model; with it, a released start is always
+the most recently stored hidden state. Either way slots are reused last-in
+first-out, and the slot index of a new item is the number of items of its
+kind already stored.
 """
 
 import array
@@ -29,11 +42,12 @@ from keras_bptt import plan as plan_lib
 
 HIDDEN = 0
 INTERNAL = 1
+RELEASE = 2
 
 _SOLVE, _DROP_HIDDEN, _BACKWARD_INTERNAL = range(3)
 
 
-def emit_ops(length, memory, alpha, split):
+def emit_ops(length, memory, alpha, split, early_release=False):
     """Runs a split policy and returns its op sequence.
 
     Args:
@@ -42,24 +56,39 @@ def emit_ops(length, memory, alpha, split):
         alpha: Memory units one internal state takes in the policy's own
             accounting (an int for the DP schemes).
         split: `split(n, memory) -> (HIDDEN | INTERNAL, y)`, called for
-            `n >= 2` (a single step is always forwarded and backpropagated).
+            `n >= 2` (a single step is always forwarded and backpropagated);
+            with `early_release`, `split(n, memory, releasable)`, which may
+            also return `(RELEASE, 1)` when `releasable` is true.
+        early_release: Whether the policy may release start states early
+            (module docstring); h_0 is then releasable.
 
     Returns:
         `int32` array of shape `(num_ops, 3)`: `(opcode, step, slot)` rows.
+
+    Example:
+
+    >>> ops = emit_ops(3, 1, 1, lambda n, m: (INTERNAL, n))
+    >>> len(ops), int((ops[:, 0] == plan_lib.FORWARD).sum())  # 3 + 2 + 1
+    (13, 6)
     """
     records = array.array("q")  # (opcode, step, slot, count) quadruples
     emit = records.extend
     emit((plan_lib.STORE_HIDDEN, 0, 0, 1))
     live_hidden, live_internal = 1, 0
-    # (task, start step, length, memory, restore opcode, restore slot,
-    #  whether the register already holds the start state)
-    stack = [(_SOLVE, 0, length, memory, plan_lib.RESTORE, 0, True)]
+    released = set()  # starts whose owner's DROP_HIDDEN a release made moot
+    # (task, start step, length, memory, releasable, restore opcode,
+    #  restore slot, whether the register already holds the start state)
+    stack = [(_SOLVE, 0, length, memory, early_release, plan_lib.RESTORE, 0,
+              True)]
     pop, push = stack.pop, stack.append
     while stack:
-        task, start, n, units, restore, source, at_start = pop()
+        task, start, n, units, releasable, restore, source, at_start = pop()
         if task == _DROP_HIDDEN:
-            emit((plan_lib.DROP_HIDDEN, start, source, 1))
-            live_hidden -= 1
+            if start in released:
+                released.discard(start)
+            else:
+                emit((plan_lib.DROP_HIDDEN, start, source, 1))
+                live_hidden -= 1
             continue
         if task == _BACKWARD_INTERNAL:
             emit((plan_lib.BACKWARD_INTERNAL, start, source, 1))
@@ -67,31 +96,54 @@ def emit_ops(length, memory, alpha, split):
             continue
         if n == 0:
             continue
-        kind, y = split(n, units) if n > 1 else (INTERNAL, 1)
+        if n == 1:
+            kind, y = INTERNAL, 1
+        elif early_release:
+            kind, y = split(n, units, releasable)
+        else:
+            kind, y = split(n, units)
         if not at_start:
             emit((restore, start, source, 1))
         if kind == HIDDEN:
             emit((plan_lib.FORWARD, start + 1, 0, y))
             emit((plan_lib.STORE_HIDDEN, start + y, live_hidden, 1))
-            push((_SOLVE, start, y, units, restore, source, False))
-            push((_DROP_HIDDEN, start + y, 0, 0, 0, live_hidden, False))
-            push((_SOLVE, start + y, n - y, units - 1,
+            push((_SOLVE, start, y, units, releasable, restore, source, False))
+            push((_DROP_HIDDEN, start + y, 0, 0, False, 0, live_hidden, False))
+            push((_SOLVE, start + y, n - y, units - 1, early_release,
                   plan_lib.RESTORE, live_hidden, True))
             live_hidden += 1
+        elif kind == RELEASE:
+            if not (releasable and source == live_hidden - 1):
+                raise AssertionError(f"h_{start} cannot be released here")
+            emit((plan_lib.DROP_HIDDEN, start, source, 1))
+            live_hidden -= 1
+            released.add(start)
+            emit((plan_lib.FORWARD_STORE_INTERNAL, start + 1, live_internal, 1))
+            push((_BACKWARD_INTERNAL, start + 1, 0, 0, False, 0, live_internal,
+                  False))
+            push((_SOLVE, start + 1, n - 1, units - alpha + 1, False,
+                  plan_lib.RESTORE_INTERNAL, live_internal, True))
+            live_internal += 1
         elif y == n:
             emit((plan_lib.FORWARD, start + 1, 0, n))
             emit((plan_lib.BACKWARD, start + n, 0, 1))
-            push((_SOLVE, start, n - 1, units, restore, source, False))
+            push((_SOLVE, start, n - 1, units, releasable, restore, source,
+                  False))
         else:
             if y > 1:
                 emit((plan_lib.FORWARD, start + 1, 0, y - 1))
             emit((plan_lib.FORWARD_STORE_INTERNAL, start + y, live_internal, 1))
-            push((_SOLVE, start, y - 1, units, restore, source, False))
-            push((_BACKWARD_INTERNAL, start + y, 0, 0, 0, live_internal, False))
-            push((_SOLVE, start + y, n - y, units - alpha,
+            push((_SOLVE, start, y - 1, units, releasable, restore, source,
+                  False))
+            push((_BACKWARD_INTERNAL, start + y, 0, 0, False, 0, live_internal,
+                  False))
+            push((_SOLVE, start + y, n - y, units - alpha, False,
                   plan_lib.RESTORE_INTERNAL, live_internal, True))
             live_internal += 1
-    emit((plan_lib.DROP_HIDDEN, 0, 0, 1))
+    if 0 in released:
+        released.discard(0)
+    else:
+        emit((plan_lib.DROP_HIDDEN, 0, 0, 1))
     return _expand_records(np.frombuffer(records, dtype=np.int64).reshape(-1, 4))
 
 

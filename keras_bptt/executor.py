@@ -7,8 +7,10 @@ wraps the whole recurrence.
 * Its forward pass is one `tf.while_loop` over the time steps. It computes the
   outputs and writes into the buffers only the hidden and internal states
   the plan's first sweep stores (`Program.forward_store`,
-  `Program.forward_internal`). Because the loop runs inside a function whose
-  gradient is overridden, TensorFlow keeps no per-step accumulators for it.
+  `Program.forward_internal`), and counts the hidden states the sweep
+  releases early (`Program.forward_release`). Because the loop runs inside a
+  function whose gradient is overridden, TensorFlow keeps no per-step
+  accumulators for it.
 * Its gradient function is one `tf.while_loop` that interprets the plan's
   backward program (`keras_bptt.program`), one step evaluation per
   iteration: restore the register from a hidden slot (or, HSM aside, from a
@@ -22,7 +24,11 @@ The buffers are `tf.TensorArray`s with `Program.hidden_slots` (and
 `Program.internal_slots`) entries plus one scratch entry each (which absorbs
 the writes of steps that store nothing, so that storing needs no branch), so
 stored memory is bounded by the budget and not by t; graph size and tracing
-time do not depend on t. When t is unknown while tracing, the program is
+time do not depend on t. The gradient loop overwrites every slot the plan
+frees (a dropped hidden state, a backpropagated internal state) with zeros
+right away: slots are reused last-in first-out, so a freed deep slot would
+otherwise keep its state alive until the plan stores that deep again (for
+MSM at 2% of an LSTM's standard BPTT, about 47 units beyond the plan's 61). When t is unknown while tracing, the program is
 fetched at run time (`tf.numpy_function`), so one trace serves every length.
 
 Known limitations:
@@ -34,6 +40,15 @@ Known limitations:
   compile; give the layer a static sequence length under `jit_compile=True`.
 * Under XLA, internal-state buffers cost about twice their size (measured in
   `benchmarks/results/memory_time_xla.json`).
+* Beyond the stored states, a backward pass keeps the variable-gradient
+  accumulators (one copy of the weights) and the gradients of up to two
+  backward steps waiting to be added (the loop overlaps a step's weight
+  gradient with the next steps; a backward step waits for the gradients of
+  the one before the previous one). For an LSTM(256) with 32 features that
+  is about 3.4 MiB of a budgeted step's peak, plus about 1 MiB of per-step
+  temporaries; it does not depend on the budget or t. Waiting for the
+  previous step instead would save 1.1 MiB but cost about 10% of the step
+  time on a 2-core CPU.
 """
 
 import dataclasses
@@ -51,6 +66,7 @@ class ProgramTensors:
 
     forward_store: tf.Tensor
     forward_internal: tf.Tensor
+    forward_release: tf.Tensor
     instructions: tf.Tensor
     hidden_slots: tf.Tensor
     internal_slots: tf.Tensor
@@ -186,6 +202,7 @@ def run_recurrence(
     program_args = [
         program.forward_store,
         program.forward_internal,
+        program.forward_release,
         program.instructions,
         program.hidden_slots,
         program.internal_slots,
@@ -197,8 +214,8 @@ def run_recurrence(
         mask_tensor = args[0] if has_mask else None
         rest = args[len(mask_args) :]
         states0 = list(rest[:num_states])
-        (forward_store, forward_internal, instructions, hidden_slots,
-         internal_slots) = rest[num_states:]
+        (forward_store, forward_internal, forward_release, instructions,
+         hidden_slots, internal_slots) = rest[num_states:]
         scratch_slot, internal_scratch = hidden_slots, internal_slots
         length = tf.shape(x)[1]
 
@@ -217,18 +234,48 @@ def run_recurrence(
                 return internal_steps.forward(x_t, mask_t, states)
             return (*step_fn(x_t, mask_t, states), [])
 
+        def store(i, states, internal, bufs, ibufs, counts):
+            """The sweep's ops between steps i and i + 1, on the buffers.
+
+            Stores h_i (`states`), releases `forward_release[i]` hidden
+            states, stores s_{i+1} (`internal`); `counts` are `(live,
+            live_internal, peak, peak_internal, peak_bytes)`, their peaks
+            taken after each store as in the plan.
+            """
+            slot, releases = forward_store[i], forward_release[i]
+            # An h_i released right away is only counted: writing it to its
+            # slot would keep it alive until that slot is written again.
+            bufs = _write_slot(
+                bufs, tf.where(releases > 0, scratch_slot, slot), states
+            )
+            internal_slot = forward_internal[i]
+            ibufs = _write_slot(ibufs, internal_slot, internal)
+            live, live_internal, peak, peak_internal, peak_bytes = counts
+            live += tf.cast(slot != scratch_slot, _COUNTER_DTYPE)
+            peak = tf.maximum(peak, live)
+            peak_bytes = tf.maximum(
+                peak_bytes, live * hidden_bytes + live_internal * internal_bytes
+            )
+            live -= tf.cast(releases, _COUNTER_DTYPE)
+            live_internal += tf.cast(
+                internal_slot != internal_scratch, _COUNTER_DTYPE
+            )
+            peak_internal = tf.maximum(peak_internal, live_internal)
+            peak_bytes = tf.maximum(
+                peak_bytes, live * hidden_bytes + live_internal * internal_bytes
+            )
+            return bufs, ibufs, (live, live_internal, peak, peak_internal,
+                                 peak_bytes)
+
         # The first step runs outside the loop to learn the output signature.
         output0, states1, internal0 = step_at(0, states0)
         hidden_bytes, internal_bytes = _nbytes(states0), _nbytes(internal0)
-        buffers = _state_buffers(states0, hidden_slots + 1)
-        buffers = _write_slot(buffers, forward_store[0], states0)
-        internal_buffers = _state_buffers(internal0, internal_slots + 1)
-        internal_buffers = _write_slot(
-            internal_buffers, forward_internal[0], internal0
-        )
-        stored = (
-            tf.cast(forward_store[0] != scratch_slot, _COUNTER_DTYPE),
-            tf.cast(forward_internal[0] != internal_scratch, _COUNTER_DTYPE),
+        zero = tf.zeros([], _COUNTER_DTYPE)
+        buffers, internal_buffers, sweep_counts = store(
+            0, states0, internal0,
+            _state_buffers(states0, hidden_slots + 1),
+            _state_buffers(internal0, internal_slots + 1),
+            (zero,) * 5,
         )
         outputs_ta = tf.TensorArray(
             output0.dtype,
@@ -237,31 +284,23 @@ def run_recurrence(
         ).write(0, output0)
 
         def forward_body(i, prev_states, states, output, outputs, bufs, ibufs, n):
-            slot = forward_store[i]
-            bufs = _write_slot(bufs, slot, states)
             output, new_states, internal = step_at(i, states)
-            internal_slot = forward_internal[i]
-            ibufs = _write_slot(ibufs, internal_slot, internal)
-            n = (
-                n[0] + tf.cast(slot != scratch_slot, _COUNTER_DTYPE),
-                n[1] + tf.cast(internal_slot != internal_scratch, _COUNTER_DTYPE),
-            )
+            bufs, ibufs, n = store(i, states, internal, bufs, ibufs, n)
             if return_sequences:
                 outputs = outputs.write(i, output)
             return i + 1, states, new_states, output, outputs, bufs, ibufs, n
 
         (_, prev_states, final_states, last_output, outputs_ta, buffers,
-         internal_buffers, stored) = tf.while_loop(
+         internal_buffers, sweep_counts) = tf.while_loop(
             lambda i, *_: i < length,
             forward_body,
             (tf.constant(1), states0, states1, output0, outputs_ta, buffers,
-             internal_buffers, stored),
+             internal_buffers, sweep_counts),
         )
         outputs = (
             _batch_major(outputs_ta.stack()) if return_sequences else last_output
         )
-        stored_bytes = stored[0] * hidden_bytes + stored[1] * internal_bytes
-        forward_counts = (tf.cast(length, _COUNTER_DTYPE), *stored, stored_bytes)
+        forward_counts = (tf.cast(length, _COUNTER_DTYPE), *sweep_counts[2:])
 
         def grad_fn(d_outputs, *d_rest, variables=None):
             variables = list(variables or [])
@@ -277,6 +316,42 @@ def run_recurrence(
                 element_shape=[x.shape[0]] + x.shape[2:],
             )
             var_grads = [tf.zeros_like(v) for v in variables]
+
+            # A freed slot is overwritten with zeros, else the buffer would
+            # keep the dropped state alive until the slot is stored into again
+            # (with LIFO slots, MSM's deepest slots hold stale states for most
+            # of the loop). The zeros keep no forward tensor alive (constants
+            # when shapes are static), and the scratch slots, which the
+            # forward pass leaves holding its last unstored states, start
+            # cleared.
+            batch_size = tf.shape(x)[0]
+
+            def zeros_like_state(reference):
+                shape = reference.shape
+                if shape.is_fully_defined():
+                    return tf.zeros(shape, reference.dtype)
+                if shape.rank and shape[1:].is_fully_defined():
+                    return tf.zeros(
+                        tf.concat([[batch_size], shape[1:].as_list()], 0),
+                        reference.dtype,
+                    )
+                return tf.zeros_like(reference)
+
+            hidden_filler = [zeros_like_state(s) for s in states0]
+            internal_filler = [zeros_like_state(s) for s in internal0]
+            initial_bufs = _write_slot(buffers, scratch_slot, hidden_filler)
+            initial_ibufs = _write_slot(
+                internal_buffers, internal_scratch, internal_filler
+            )
+            # Dropped hidden states are the top `releases` live slots (slots
+            # are reused last-in first-out); this many are cleared per
+            # instruction (a run-time program may drop more at once: those
+            # stay stored until their slot is reused).
+            static_instructions = tf.get_static_value(instructions)
+            release_writes = (
+                2 if static_instructions is None
+                else int(static_instructions[:, 4].max(initial=0))
+            )
 
             def output_cotangent(step):
                 if return_sequences:
@@ -295,15 +370,21 @@ def run_recurrence(
                 with tf.GradientTape() as tape:
                     tape.watch(x_sources + list(register))
                     output, new_states = step_fn(x_t, mask_t, register)
+                sources = x_sources + list(register)
                 grads = tape.gradient(
                     [output] + list(new_states),
-                    x_sources + list(register) + variables,
+                    sources + variables,
                     output_gradients=[output_cotangent(step)] + list(d_register),
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
                 )
-                grads = [tf.convert_to_tensor(g) for g in grads]
-                gx = grads.pop(0) if input_gradient else None
-                return gx, grads[:num_states], grads[num_states:]
+                # None for a variable the step does not use: nothing to add.
+                grads = [None if g is None else tf.convert_to_tensor(g)
+                         for g in grads]
+                source_grads = [
+                    tf.zeros_like(s) if g is None else g
+                    for g, s in zip(grads, sources)
+                ]
+                gx = source_grads.pop(0) if input_gradient else None
+                return gx, source_grads, grads[len(sources):]
 
             def backward_from_internal(step, internal, d_register):
                 _, mask_t = inputs_at(step - 1)
@@ -316,12 +397,18 @@ def run_recurrence(
                 g_vars = [
                     g_internal_vars[position[v.ref()]]
                     if v.ref() in position
-                    else tf.zeros_like(v)
+                    else None  # not used by the cell: nothing to add
                     for v in variables
                 ]
                 return gx, list(g_states), g_vars
 
-            def body(k, register, d_register, bufs, ibufs, dx, dvars, counts):
+            def after_accumulation(values):
+                """A scalar ready once `values` are: it holds no reference."""
+                with tf.control_dependencies(values):
+                    return tf.constant(0, _COUNTER_DTYPE)
+
+            def body(k, register, d_register, bufs, ibufs, dx, dvars, counts,
+                     tokens):
                 (opcode, step, restore_slot, restore_internal, releases,
                  store_slot, internal_slot) = tf.unstack(instructions[k])
                 (recomputed, backwards, live, live_internal, peak, peak_internal,
@@ -334,42 +421,72 @@ def run_recurrence(
                             ibufs, tf.maximum(restore_internal, 0), internal0))),
                         lambda: register,
                     )
+                for j in range(release_writes):
+                    freed = tf.where(
+                        releases > j, tf.cast(live, tf.int32) - 1 - j, scratch_slot
+                    )
+                    bufs = _write_slot(bufs, freed, hidden_filler)
                 live -= tf.cast(releases, _COUNTER_DTYPE)
 
                 def accumulate(gx, g_states, g_vars):
                     new_dx = (
                         dx.write(time_index(step - 1), gx) if input_gradient else dx
                     )
-                    return g_states, new_dx, [a + g for a, g in zip(dvars, g_vars)]
+                    new_dvars = [
+                        a if g is None else a + g for a, g in zip(dvars, g_vars)
+                    ]
+                    new_tokens = (tokens[1], after_accumulation(new_dvars))
+                    return g_states, new_dx, new_dvars, new_tokens
+
+                def after_previous_accumulation(backward_fn):
+                    # A backward step starts once the backward step before the
+                    # previous one has added its variable gradients, so at
+                    # most two steps' gradients wait beside the accumulators.
+                    # The loop runs up to 10 iterations at once: unbounded,
+                    # up to seven 1-MiB recurrent-kernel gradients of an
+                    # LSTM(256) were measured waiting on a busy machine.
+                    with tf.control_dependencies([tf.identity(tokens[0])]):
+                        return backward_fn()
 
                 def do_nothing():
                     return (register, d_register, ibufs, dx, dvars, recomputed,
-                            backwards, live_internal)
+                            backwards, live_internal, tokens)
 
                 def do_forward():
                     return (recompute(step, register), d_register, ibufs, dx,
-                            dvars, recomputed + 1, backwards, live_internal)
+                            dvars, recomputed + 1, backwards, live_internal,
+                            tokens)
 
                 def do_backward():
-                    g_states, new_dx, new_dvars = accumulate(
-                        *backward(step, register, d_register)
+                    g_states, new_dx, new_dvars, new_tokens = accumulate(
+                        *after_previous_accumulation(
+                            lambda: backward(step, register, d_register)
+                        )
                     )
                     return (register, g_states, ibufs, new_dx, new_dvars,
-                            recomputed + 1, backwards + 1, live_internal)
+                            recomputed + 1, backwards + 1, live_internal,
+                            new_tokens)
 
                 def do_forward_store_internal():
                     _, new_register, internal = step_at(step - 1, register)
                     return (new_register, d_register,
                             _write_slot(ibufs, internal_slot, internal), dx, dvars,
-                            recomputed + 1, backwards, live_internal + 1)
+                            recomputed + 1, backwards, live_internal + 1, tokens)
 
                 def do_backward_internal():
                     internal = _read_slot(ibufs, internal_slot, internal0)
-                    g_states, new_dx, new_dvars = accumulate(
-                        *backward_from_internal(step, internal, d_register)
+                    g_states, new_dx, new_dvars, new_tokens = accumulate(
+                        *after_previous_accumulation(
+                            lambda: backward_from_internal(
+                                step, internal, d_register
+                            )
+                        )
                     )
-                    return (register, g_states, ibufs, new_dx, new_dvars,
-                            recomputed, backwards + 1, live_internal - 1)
+                    # BACKWARD_INTERNAL frees the slot: free its state too.
+                    freed = _write_slot(ibufs, internal_slot, internal_filler)
+                    return (register, g_states, freed, new_dx, new_dvars,
+                            recomputed, backwards + 1, live_internal - 1,
+                            new_tokens)
 
                 branches = {
                     program_lib.EXEC_NOP: do_nothing,
@@ -384,7 +501,9 @@ def run_recurrence(
                         do_backward_internal
                     )
                 (register, d_register, ibufs, dx, dvars, recomputed, backwards,
-                 live_internal) = tf.switch_case(opcode, branch_fns=branches)
+                 live_internal, tokens) = tf.switch_case(
+                    opcode, branch_fns=branches
+                )
                 bufs = _write_slot(bufs, store_slot, register)
                 live += tf.cast(store_slot != scratch_slot, _COUNTER_DTYPE)
                 live_bytes = live * hidden_bytes + live_internal * internal_bytes
@@ -393,15 +512,17 @@ def run_recurrence(
                     tf.maximum(peak, live), tf.maximum(peak_internal, live_internal),
                     tf.maximum(peak_bytes, live_bytes),
                 )
-                return k + 1, register, d_register, bufs, ibufs, dx, dvars, counts
+                return (k + 1, register, d_register, bufs, ibufs, dx, dvars,
+                        counts, tokens)
 
             zero = tf.zeros([], _COUNTER_DTYPE)
-            _, _, d_initial, _, _, x_grads, var_grads, counts = tf.while_loop(
+            ready = tf.zeros([], _COUNTER_DTYPE)
+            _, _, d_initial, _, _, x_grads, var_grads, counts, _ = tf.while_loop(
                 lambda k, *_: k < num_instructions,
                 body,
-                (tf.constant(0), list(prev_states), d_states, buffers,
-                 internal_buffers, x_grads, var_grads,
-                 (zero, zero, *stored, *stored, stored_bytes)),
+                (tf.constant(0), list(prev_states), d_states, initial_bufs,
+                 initial_ibufs, x_grads, var_grads,
+                 (zero, zero, *sweep_counts), (ready, ready)),
             )
             side_effects = []
             if on_backward is not None:

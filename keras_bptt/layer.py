@@ -104,8 +104,9 @@ class MemoryBudgetRNN(keras.layers.RNN):
             Inputs, outputs and their gradients are O(t) by nature and not
             part of the budget.
         scheme: `"auto"` (default: the fastest plan that fits, storing
-            internal states when the cell supports them), `"msm"`, `"ism"`
-            (need a cell with internal states, see
+            internal states when the cell supports them), `"msm"`,
+            `"msm_early"` (MSM releasing start states early), `"ism"` (need
+            a cell with internal states, see
             `keras_bptt.internal_states`), `"hsm"` (optimal hidden-state
             checkpointing, any cell), `"store_all"`, `"chen_sqrt"`,
             `"chen_sqrt_hidden"`, `"bisection"` or `"recompute_all"`.
@@ -213,6 +214,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             return executor.ProgramTensors(
                 tf.constant(program.forward_store),
                 tf.constant(program.forward_internal),
+                tf.constant(program.forward_release),
                 tf.constant(program.instructions),
                 tf.constant(program.hidden_slots, tf.int32),
                 tf.constant(program.internal_slots, tf.int32),
@@ -225,6 +227,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             return (
                 program.forward_store,
                 program.forward_internal,
+                program.forward_release,
                 program.instructions,
                 np.int32(program.hidden_slots),
                 np.int32(program.internal_slots),
@@ -235,11 +238,11 @@ class MemoryBudgetRNN(keras.layers.RNN):
         tensors = tf.numpy_function(
             numpy_lookup,
             [length, batch_size],
-            [tf.int32] * 5 + [tf.int64, tf.float64],
+            [tf.int32] * 6 + [tf.int64, tf.float64],
             stateful=False,
         )
         width = program_lib.INSTRUCTION_WIDTH
-        shapes = ([None], [None], [None, width], [], [], [5], [3])
+        shapes = ([None], [None], [None], [None, width], [], [], [5], [3])
         for tensor, shape in zip(tensors, shapes):
             tensor.set_shape(shape)
         return executor.ProgramTensors(*tensors)

@@ -39,12 +39,15 @@ Invariants of every plan the planner emits (checked by
 
 * The *forward sweep* -- every op before the first `BACKWARD` or
   `BACKWARD_INTERNAL` (`Plan.forward_sweep_length` ops) -- holds only
-  `FORWARD`, `FORWARD_STORE_INTERNAL` and `STORE_HIDDEN` ops and computes
-  steps 1..t in order, so an executor can run it as the layer's forward pass.
+  `FORWARD`, `FORWARD_STORE_INTERNAL`, `STORE_HIDDEN` and `DROP_HIDDEN` ops
+  and computes steps 1..t in order, so an executor can run it as the layer's
+  forward pass. Only `msm_early` drops there (early release: a hidden state
+  dropped right after its store, h_0 included).
 * Slots are reused last-in first-out: `hidden_slots` and `internal_slots` are
   the largest numbers of items stored at once.
-* An internal state is freed only by its `BACKWARD_INTERNAL`; the plan ends
-  with `DROP_HIDDEN 0 0`, so nothing is left stored.
+* An internal state is freed only by its `BACKWARD_INTERNAL`; nothing is left
+  stored at the end: the plan ends with `DROP_HIDDEN 0 0` unless h_0 was
+  released early.
 * `RESTORE_INTERNAL` is what lets ISM/MSM restart a sub-sequence from a
   stored internal state: s_i contains h_i (paper-notes, ISM).
 """

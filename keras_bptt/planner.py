@@ -19,6 +19,10 @@ Schemes:
 * `msm` -- at every split choose hidden or internal storage, optimal:
   `R(t, m) <= min(C, Q)`, a table on the strip where no closed form applies
   (`keras_bptt._planner_msm`).
+* `msm_early` -- MSM where a sub-problem's start state may be released before
+  the sub-problem ends (beyond the paper, `keras_bptt._planner_early_release`):
+  `A(t, m) <= R(t, m)`, for example 627 forward ops instead of 644 at t=200,
+  m=10, alpha=2.
 * `store_all` -- standard BPTT: cost t, memory `1 + (t-1) alpha`.
 * `recompute_all` -- one slot: cost `t(t+1)/2`.
 * `chen_sqrt` / `chen_sqrt_hidden` -- Chen et al. (2016): keep every segment
@@ -36,16 +40,36 @@ that can save and resume from its internal state (`Plan.uses_internal_states`).
 
 Known limitations:
 
-* Memory is counted in whole units: the DP schemes use `floor(m)` slots and
-  round alpha up, `ceil(alpha)`, so that a plan made for a measured,
-  non-integer alpha (say 6.4) is planned as if internal states took 7 units.
-  Its peak, reported with the real alpha, never exceeds m, but it can cost
-  more than a finer discretisation would (for example, standard BPTT's
-  memory `1 + (t-1) * 6.4` does not buy standard BPTT's cost t).
-* Plans follow the paper's model: a stored item is kept until its
-  sub-problem ends. Releasing a sub-problem's start once an internal state
-  after it is stored can be cheaper (`keras_bptt.brute_force`, paper-notes);
-  no scheme here does that yet.
+* Memory is discretised. `hsm` uses `floor(m)` slots. `ism` and `msm` plan
+  on a grid of 1/g slot (`_dp_grid`): `floor(g m)` units, alpha rounded up
+  to `ceil(g alpha) / g` slots, g the smallest in 1..8 that rounds alpha up
+  by at most 3% (an LSTM(256) with 32 features, alpha = 3.0625: g = 7,
+  alpha planned as 22/7 = 3.14 instead of 4), coarser when the `msm` table
+  on that grid would take more than `_GRID_WORK_LIMIT` split evaluations
+  (about g times those of grid 1; t=1000 at 2% of standard BPTT: g = 5,
+  alpha planned as 3.2; t=2000 at 2%: g = 1, alpha planned as 4). A plan's
+  peak, reported with the real alpha, never exceeds m, and it never costs
+  more than on grid 1, but it can cost slightly more than an exact alpha
+  would (standard BPTT's memory `1 + (t-1) * 6.4` buys cost t only on a
+  grid where 6.4 is exact). Since the grid can get coarser as the budget
+  grows, a slightly larger budget can cost a few forward ops more (t=1000,
+  alpha=3.0625: 1995 at m=81.5 on grid 3, 1993 at m=81 on grid 4); with an
+  integer alpha (grid 1) more memory never costs more. `msm_early` plans on
+  `msm`'s grid.
+* Plans other than `msm_early` follow the paper's model: a stored item is
+  kept until its sub-problem ends. `msm_early` releases a sub-problem's start
+  early, sometimes inside the forward sweep (`DROP_HIDDEN` there).
+* `auto` skips `msm_early` when its tables would take more than
+  `EARLY_RELEASE_AUTO_WORK_LIMIT` split evaluations (`estimated_work` of
+  `keras_bptt._planner_early_release`: about 0.3 s of filling on a 2-core
+  machine). `auto` plans every new (t, budget), and early release saves at
+  most a few percent of the forward ops (1949 instead of 1950 at t=1000,
+  m=150, alpha=3; 2348 instead of 2368 at m=60), which does not pay for
+  seconds of planning. Every budget is planned with `msm_early` up to
+  t=500, and at t=1000 with integer alpha <= 3; budgets of about 1-4% of
+  standard BPTT are not at t=1000 with alpha 3.0625 (grid 5 or 7) or 10.
+  Asked for by name, `msm_early` fills its tables up to
+  `MSM_TABLE_WORK_LIMIT`, then falls back to `msm`, with a warning.
 * The `msm` table costs up to about `t^2.5 * alpha` operations; above
   `MSM_TABLE_WORK_LIMIT` (t of several thousands, budgets just below the
   closed-form strip) `msm` falls back to the better of `hsm` and `ism`, with
@@ -55,18 +79,21 @@ Known limitations:
 """
 
 import dataclasses
+import fractions
 import functools
 import math
 import numbers
 import warnings
 
 from keras_bptt import _planner_closed_form as closed_form
+from keras_bptt import _planner_early_release as early_release
 from keras_bptt import _planner_msm as msm
 from keras_bptt import _planner_schedule as schedule
 from keras_bptt import plan as plan_lib
 
 SCHEMES = (
     "msm",
+    "msm_early",
     "hsm",
     "ism",
     "store_all",
@@ -77,6 +104,7 @@ SCHEMES = (
 )
 HIDDEN_STATE_SCHEMES = ("hsm", "recompute_all", "chen_sqrt_hidden", "bisection")
 MSM_TABLE_WORK_LIMIT = 4 * 10**9
+EARLY_RELEASE_AUTO_WORK_LIMIT = 3 * 10**8
 # `auto` breaks ties in this order: the simplest schedule first.
 _AUTO_PREFERENCE = (
     "store_all",
@@ -87,22 +115,32 @@ _AUTO_PREFERENCE = (
     "chen_sqrt_hidden",
     "bisection",
     "recompute_all",
+    "msm_early",
 )
 _ALPHA_TOLERANCE = 1e-9
+# `ism` and `msm` plan in units of 1/g slot, g from `_GRIDS` (`_dp_grid`).
+_GRIDS = range(1, 9)
+_GRID_ROUNDING = 0.03
+# Finer grids only while the msm table stays this small: about 0.3 s of
+# filling on a 2-core machine (t=1000 at 2%: grid 5 instead of 7).
+_GRID_WORK_LIMIT = 3 * 10**8
 
 
 @dataclasses.dataclass(frozen=True)
 class _Solution:
     """A scheme's answer for one problem: its cost and its split policy.
 
-    `memory` and `alpha` are in the policy's own units (integers for the DP
-    schemes), which `_planner_schedule.emit_ops` tracks while it emits.
+    `memory` and `alpha` are in the policy's own units (integers, or for
+    `ism`/`msm` on a finer grid `Fraction`s of a slot), which
+    `_planner_schedule.emit_ops` tracks while it emits; `early_release`
+    policies take a third argument (`emit_ops`).
     """
 
     cost: int
     memory: float
     alpha: int
     split: object
+    early_release: bool = False
 
 
 def standard_bptt_memory(length, alpha=1.0):
@@ -201,7 +239,8 @@ def min_memory(scheme, length, alpha=1.0, **options):
 @functools.lru_cache(maxsize=256)
 def _cached_plan(scheme, length, memory, alpha, options):
     solution = _solve(scheme, length, memory, alpha, dict(options))
-    ops = schedule.emit_ops(length, solution.memory, solution.alpha, solution.split)
+    ops = schedule.emit_ops(length, solution.memory, solution.alpha,
+                           solution.split, early_release=solution.early_release)
     _, peak, hidden_slots, internal_slots = schedule.ops_statistics(ops, alpha)
     ops.setflags(write=False)
     return plan_lib.Plan(
@@ -234,16 +273,80 @@ def _solve(scheme, length, memory, alpha, options):
     return _SOLVERS[scheme](length, memory, alpha, **options)
 
 
-def _dp_units(length, memory, alpha, hidden_only):
+def _dp_units(length, memory, alpha, hidden_only, grid=1):
     """Integer memory and alpha of the DP schemes, capped where costs saturate.
 
-    HSM's cost stops falling at `t - 1` slots (2t - 1), ISM's and MSM's at
-    standard BPTT's `1 + (t - 1) * ceil(alpha)` (cost t).
+    Memory is counted in units of `1 / grid` slot: `(units, alpha_units)` are
+    `floor(grid * m)` and `ceil(grid * alpha)` (at least 1); a hidden state
+    takes `grid` units. HSM's cost stops falling at `t - 1` slots (2t - 1;
+    `hidden_only` counts slots, grid 1), ISM's and MSM's at standard BPTT's
+    `grid + (t - 1) * alpha_units` units (cost t).
     """
-    alpha_units = max(1, math.ceil(alpha - _ALPHA_TOLERANCE))
-    saturation = max(1, length - 1) if hidden_only else 1 + (length - 1) * alpha_units
-    units = saturation if memory >= saturation else int(math.floor(memory))
-    return units, alpha_units
+    alpha_units = max(1, math.ceil(grid * alpha - _ALPHA_TOLERANCE))
+    if hidden_only:
+        saturation = max(1, length - 1)
+    else:
+        saturation = grid + (length - 1) * alpha_units
+    if memory * grid >= saturation:
+        return saturation, alpha_units
+    return int(math.floor(memory * grid)), alpha_units
+
+
+def _alpha_rounding(alpha, grid):
+    """Relative error of planning with alpha rounded up to the grid."""
+    return max(1, math.ceil(grid * alpha - _ALPHA_TOLERANCE)) / (grid * alpha) - 1
+
+
+def _dp_grid(length, memory, alpha):
+    """The grid (units per slot) on which `ism` and `msm` plan a problem.
+
+    The smallest grid in `_GRIDS` that rounds alpha up by at most
+    `_GRID_ROUNDING` (else the most accurate one), unless the `msm` table
+    on that grid would take more than `_GRID_WORK_LIMIT` split evaluations
+    (a table is about g times wider, and slower, on grid g): then the most
+    accurate coarser grid whose table stays below it (1 at worst, where
+    `MSM_TABLE_WORK_LIMIT` applies as before). `ism` and `msm` share it, so
+    that `msm` never costs more than `ism`. Costs never exceed those on grid
+    1: every grid-1 schedule fits the finer grid too.
+
+    Example (an LSTM(256) with 32 input features: alpha = 3 + 32/512):
+
+    >>> _dp_grid(1000, 153.97, 3.0625), _dp_grid(1000, 62.19, 3.0625)
+    (7, 5)
+    """
+    rounding = {grid: _alpha_rounding(alpha, grid) for grid in _GRIDS}
+    wanted = next(
+        (grid for grid in _GRIDS if rounding[grid] <= _GRID_ROUNDING),
+        min(_GRIDS, key=lambda grid: (rounding[grid], grid)),
+    )
+    coarser = sorted(
+        (grid for grid in _GRIDS if grid <= wanted),
+        key=lambda grid: (rounding[grid], grid),
+    )
+    for grid in coarser:
+        units, alpha_units = _dp_units(length, memory, alpha, False, grid)
+        width = msm.table_width(length, units, alpha_units, grid)
+        if msm.estimated_work(length, width, alpha_units, grid) <= (
+            _GRID_WORK_LIMIT
+        ):
+            return grid
+    return 1
+
+
+def _grid_solution(cost, units, alpha_units, grid, split):
+    """A `_Solution` for a policy `split(n, units, ...)` planned on `grid`.
+
+    `emit_ops` charges a hidden state one unit of its memory: on a finer
+    grid it tracks memory in slots, exactly, as `Fraction`s of the grid.
+    """
+    if grid == 1:
+        return _Solution(cost, units, alpha_units, split)
+    return _Solution(
+        cost,
+        fractions.Fraction(units, grid),
+        fractions.Fraction(alpha_units, grid),
+        lambda n, m, *releasable: split(n, int(m * grid), *releasable),
+    )
 
 
 def _solve_hsm(length, memory, alpha):
@@ -258,19 +361,22 @@ def _solve_hsm(length, memory, alpha):
 
 
 def _solve_ism(length, memory, alpha):
-    units, alpha_units = _dp_units(length, memory, alpha, hidden_only=False)
+    grid = _dp_grid(length, memory, alpha)
+    units, alpha_units = _dp_units(length, memory, alpha, False, grid)
 
     def split(n, m):
-        return schedule.INTERNAL, closed_form.ism_split(n, (m - 1) // alpha_units)
+        internal_slots = (m - grid) // alpha_units
+        return schedule.INTERNAL, closed_form.ism_split(n, internal_slots)
 
-    cost = closed_form.ism_cost(length, (units - 1) // alpha_units)
-    return _Solution(cost, units, alpha_units, split)
+    cost = closed_form.ism_cost(length, (units - grid) // alpha_units)
+    return _grid_solution(cost, units, alpha_units, grid, split)
 
 
 def _solve_msm(length, memory, alpha):
-    units, alpha_units = _dp_units(length, memory, alpha, hidden_only=False)
-    width = msm.table_width(length, units, alpha_units)
-    if msm.estimated_work(length, width, alpha_units) > MSM_TABLE_WORK_LIMIT:
+    grid = _dp_grid(length, memory, alpha)
+    units, alpha_units = _dp_units(length, memory, alpha, False, grid)
+    width = msm.table_width(length, units, alpha_units, grid)
+    if msm.estimated_work(length, width, alpha_units, grid) > MSM_TABLE_WORK_LIMIT:
         warnings.warn(
             f"msm: the table for t={length}, m={memory:g}, alpha={alpha:g} "
             f"would take more than {MSM_TABLE_WORK_LIMIT:.0e} operations; "
@@ -279,8 +385,39 @@ def _solve_msm(length, memory, alpha):
         )
         return min(_solve_hsm(length, memory, alpha),
                    _solve_ism(length, memory, alpha), key=lambda s: s.cost)
-    table = msm.shared_table(length, width, alpha_units)
-    return _Solution(table.cost(length, units), units, alpha_units, table.split)
+    table = msm.shared_table(length, width, alpha_units, grid)
+    return _grid_solution(
+        table.cost(length, units), units, alpha_units, grid, table.split
+    )
+
+
+def _early_release_work(length, memory, alpha):
+    """`(grid, units, alpha units, width, estimated work)` of `msm_early`.
+
+    On `msm`'s grid, so that `msm_early` never costs more than `msm`.
+    """
+    grid = _dp_grid(length, memory, alpha)
+    units, alpha_units = _dp_units(length, memory, alpha, False, grid)
+    width = early_release.table_width(length, units, alpha_units, grid)
+    work = early_release.estimated_work(length, width, alpha_units, grid)
+    return grid, units, alpha_units, width, work
+
+
+def _solve_msm_early(length, memory, alpha):
+    grid, units, alpha_units, width, work = _early_release_work(
+        length, memory, alpha)
+    if work > MSM_TABLE_WORK_LIMIT:
+        warnings.warn(
+            f"msm_early: the tables for t={length}, m={memory:g}, "
+            f"alpha={alpha:g} would take more than {MSM_TABLE_WORK_LIMIT:.0e} "
+            "operations; using msm instead.",
+            stacklevel=4,
+        )
+        return _solve_msm(length, memory, alpha)
+    table = early_release.shared_table(length, width, alpha_units, grid)
+    solution = _grid_solution(
+        table.cost(length, units), units, alpha_units, grid, table.split)
+    return dataclasses.replace(solution, early_release=True)
 
 
 def _solve_store_all(length, memory, alpha):
@@ -345,6 +482,7 @@ _SOLVERS = {
     "hsm": _solve_hsm,
     "ism": _solve_ism,
     "msm": _solve_msm,
+    "msm_early": _solve_msm_early,
     "store_all": _solve_store_all,
     "recompute_all": _solve_recompute_all,
     "chen_sqrt": _chen_solver((schedule.INTERNAL, 1)),
@@ -363,7 +501,9 @@ def _auto_scheme(length, memory, alpha, options):
 
     Predicted time relative to standard BPTT is `(cost/t + b) / (1 + b)`
     (paper-notes), increasing in the cost for every b >= 0, so the choice is
-    the cheapest plan; b only scales the reported ratio.
+    the cheapest plan; b only scales the reported ratio. Ties go to the
+    first scheme of `_AUTO_PREFERENCE` (`msm_early` only when strictly
+    cheaper than every other scheme).
     """
     _check_options("auto", options)
     options = dict(options)
@@ -378,6 +518,11 @@ def _auto_scheme(length, memory, alpha, options):
         }
         if min_memory(scheme, length, alpha, **scheme_options) > memory:
             continue
+        if scheme == "msm_early" and (
+            _early_release_work(length, memory, alpha)[-1]
+            > EARLY_RELEASE_AUTO_WORK_LIMIT
+        ):
+            continue  # see "Known limitations"
         cost = _solve(scheme, length, memory, alpha, scheme_options).cost
         ratio = (cost / length + backward_ratio) / (1.0 + backward_ratio)
         ranked.append((ratio, _AUTO_PREFERENCE.index(scheme), scheme, scheme_options))

@@ -24,10 +24,11 @@ from keras_bptt import plan as plan_lib
 from keras_bptt import planner
 
 MAX_SCHEDULE_OPS = 200_000
-_BUDGET_SCHEMES = ("msm", "hsm", "ism", "bisection")
+_BUDGET_SCHEMES = ("msm", "msm_early", "hsm", "ism", "bisection")
 _SEGMENT_SCHEMES = ("chen_sqrt", "chen_sqrt_hidden")
 _STYLES = {
     "msm": dict(color="tab:red", linewidth=2.2),
+    "msm_early": dict(color="tab:pink", linestyle="--"),
     "hsm": dict(color="tab:blue"),
     "ism": dict(color="tab:green"),
     "bisection": dict(color="tab:purple", linestyle="--"),
@@ -80,7 +81,9 @@ def cost_curves(length, alpha=1.0, points=60, schemes=planner.SCHEMES):
     for scheme in schemes:
         if scheme in _BUDGET_SCHEMES:
             memory = budgets
-            costs = [planner.plan_cost(scheme, length, m, alpha) for m in budgets]
+            # Largest budget first: the DP tables it builds serve the others.
+            costs = [planner.plan_cost(scheme, length, m, alpha)
+                     for m in budgets[::-1]][::-1]
         elif scheme in _SEGMENT_SCHEMES:
             segments = np.unique(np.round(np.geomspace(1, length, points))).astype(int)
             memory = [planner.min_memory(scheme, length, alpha, segment=int(k))

@@ -13,7 +13,11 @@ steps 1..t in order; it becomes the layer's forward pass, which computes all
 outputs. Its `STORE_HIDDEN` ops become `forward_store`: the hidden slot that
 receives `h_i` before step `i + 1` runs; its `FORWARD_STORE_INTERNAL` ops
 become `forward_internal`: the internal slot that receives `s_{i+1}` (the
-scratch slots for none).
+scratch slots for none); its `DROP_HIDDEN` ops (early release, `msm_early`)
+become `forward_release`: how many hidden states are dropped after `h_i`'s
+store and before step `i + 1`. When `h_i` is stored and released there, it
+is stored for the counters only: the executor writes it to the scratch slot,
+which nothing restores from, so that its own slot does not keep it alive.
 
 The rest becomes `instructions`, one per iteration of the gradient loop, each
 `(opcode, step, restore_slot, restore_internal_slot, releases, store_slot,
@@ -72,6 +76,9 @@ class Program:
             `h_i` before step `i + 1` is computed (`scratch_slot`: none).
         forward_internal: `int32[t]`; entry i is the internal slot that
             receives `s_{i+1}` (`internal_scratch_slot`: none).
+        forward_release: `int32[t]`; entry i counts the hidden states dropped
+            after `h_i` is stored and before step `i + 1`; `h_i` is one of
+            them when it is stored (module docstring).
         instructions: `int32[n, 7]` rows of the gradient loop (module doc).
         hidden_slots: Hidden slots the plan stores at once.
         internal_slots: Internal slots the plan stores at once.
@@ -86,6 +93,7 @@ class Program:
     length: int
     forward_store: np.ndarray
     forward_internal: np.ndarray
+    forward_release: np.ndarray
     instructions: np.ndarray
     hidden_slots: int
     internal_slots: int
@@ -149,6 +157,40 @@ def _forward_internal_slots(prefix, length, scratch_slot):
     stores = prefix[prefix[:, 0] == plan_lib.FORWARD_STORE_INTERNAL]
     forward_internal[stores[:, 1] - 1] = stores[:, 2]
     return forward_internal
+
+
+def _forward_release_counts(prefix, length):
+    """The first sweep's `DROP_HIDDEN` ops as a per-step count table.
+
+    Raises:
+        ValueError: if a drop comes before the store of its step, or a step
+            stores `h_i` and drops other states but not `h_i` first (the
+            executor counts a step's store, then its drops, and writes a
+            stored-and-released `h_i` to the scratch slot).
+    """
+    is_forward = np.isin(
+        prefix[:, 0], (plan_lib.FORWARD, plan_lib.FORWARD_STORE_INTERNAL)
+    )
+    steps_before = np.cumsum(is_forward) - is_forward  # op j is in gap i
+    is_drop = prefix[:, 0] == plan_lib.DROP_HIDDEN
+    releases = np.bincount(steps_before[is_drop], minlength=length)[:length]
+    is_store = prefix[:, 0] == plan_lib.STORE_HIDDEN
+    store_at = np.full(length, -1)
+    store_at[prefix[is_store, 1]] = np.nonzero(is_store)[0]
+    for index in np.nonzero(is_drop)[0]:
+        step = steps_before[index]
+        store = store_at[step]
+        if store < 0:
+            continue  # drops of states stored at earlier steps: counted only
+        own_drop = [plan_lib.DROP_HIDDEN, step, prefix[store, 2]]
+        if index < store or prefix[store + 1].tolist() != own_drop:
+            raise ValueError(
+                f"The forward sweep's op {index} drops a hidden state at step "
+                f"{step}, which stores h_{step} but does not drop it first; "
+                "the executor releases a state stored in the sweep only right "
+                "after its store."
+            )
+    return releases.astype(np.int32)
 
 
 def _fuse_forward_backward(suffix):
@@ -267,6 +309,7 @@ def compile_program(plan):
         forward_internal=_forward_internal_slots(
             prefix, plan.length, internal_scratch_slot
         ),
+        forward_release=_forward_release_counts(prefix, plan.length),
         instructions=instructions,
         hidden_slots=plan.hidden_slots,
         internal_slots=plan.internal_slots,

@@ -10,8 +10,8 @@ It checks that:
 
 * the plan starts with `STORE_HIDDEN 0 0` and its forward sweep (every op
   before the first backward op) holds only `FORWARD`,
-  `FORWARD_STORE_INTERNAL` and `STORE_HIDDEN`, and computes steps 1..t in
-  order;
+  `FORWARD_STORE_INTERNAL`, `STORE_HIDDEN` and `DROP_HIDDEN` (early
+  release), and computes steps 1..t in order;
 * every forward op finds h_{i-1} in the register, every store, restore and
   drop names a slot that is free or holds what the op says, every slot index
   is inside the plan's buffers;
@@ -37,7 +37,8 @@ import numpy as np
 from keras_bptt import plan as plan_lib
 
 _FORWARD_SWEEP_OPCODES = frozenset(
-    (plan_lib.FORWARD, plan_lib.FORWARD_STORE_INTERNAL, plan_lib.STORE_HIDDEN)
+    (plan_lib.FORWARD, plan_lib.FORWARD_STORE_INTERNAL, plan_lib.STORE_HIDDEN,
+     plan_lib.DROP_HIDDEN)
 )
 _MEMORY_TOLERANCE = 1e-9
 
@@ -209,7 +210,7 @@ def simulate(plan):
             elif in_forward_sweep:
                 _require(
                     opcode in _FORWARD_SWEEP_OPCODES,
-                    "the forward sweep may only forward and store",
+                    "the forward sweep may only forward, store and drop",
                 )
             _execute(machine, opcode, step, slot, previous_forward)
             machine.account()

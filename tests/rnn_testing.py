@@ -44,6 +44,41 @@ CELLS = {
 }
 
 
+# Cells with internal states (`keras_bptt.internal_states`), small enough
+# for many executions, and the input shape their tests use.
+INTERNAL_STATE_CELLS = {
+    "lstm": lambda: keras.layers.LSTMCell(5),
+    "gru": lambda: keras.layers.GRUCell(4),
+    "simple": lambda: keras.layers.SimpleRNNCell(6),
+}
+BATCH, FEATURES = 3, 2
+
+
+def random_sequences(length, seed=0):
+    """A float32 `[BATCH, length, FEATURES]` batch of normal noise."""
+    return tf.constant(
+        np.random.default_rng(seed).normal(size=(BATCH, length, FEATURES)),
+        tf.float32,
+    )
+
+
+def compare_internal_state_cell(cell, length, budget, scheme, call_kwargs=None,
+                                **layer_kwargs):
+    """Checks `MemoryBudgetRNN` on `INTERNAL_STATE_CELLS[cell]` against
+    `keras.layers.RNN` (outputs and gradients); returns the budgeted layer."""
+    x = random_sequences(length)
+    reference, budgeted = make_pair(
+        INTERNAL_STATE_CELLS[cell], budget, (BATCH, length, FEATURES),
+        scheme=scheme, **layer_kwargs,
+    )
+    call_kwargs = call_kwargs or {}
+    assert_same_results(
+        outputs_and_gradients(reference, x, **call_kwargs),
+        outputs_and_gradients(budgeted, x, **call_kwargs),
+    )
+    return budgeted
+
+
 def make_pair(cell_factory, memory_budget, input_shape, scheme="auto", **kwargs):
     """keras.layers.RNN and MemoryBudgetRNN with the same weights."""
     reference = keras.layers.RNN(cell_factory(), **kwargs)

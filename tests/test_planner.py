@@ -22,17 +22,21 @@ from keras_bptt import plan as plan_lib
 DP_SCHEMES = ("hsm", "ism", "msm")
 
 
-def recursion_table(length, memory, alpha, hidden=True, internal=True):
+def recursion_table(length, memory, alpha, hidden=True, internal=True,
+                    hidden_size=1):
     """`X[t, m]` for t <= length, m <= memory by the paper's recursions.
 
     HSM: hidden=True, internal=False; ISM: the reverse; MSM: both. Every split
     of every cell is evaluated, row by row: O(t^2 m), independent of the
     planner's closed forms and pruned table. "Store nothing" (`t + X(t-1, m)`)
-    is allowed in every model (for HSM it equals the split y = t - 1).
+    is allowed in every model (for HSM it equals the split y = t - 1). Memory
+    is in units: a hidden state takes `hidden_size`, an internal one `alpha`
+    (both integers); `m < hidden_size` is infeasible.
     """
     never = 1 << 50
+    h = hidden_size
     table = np.full((length + 1, memory + 1), never, dtype=np.int64)
-    table[0, 1:] = 0
+    table[0, h:] = 0
     for t in range(1, length + 1):
         splits = np.arange(1, t)
         best = t + table[t - 1]
@@ -40,12 +44,12 @@ def recursion_table(length, memory, alpha, hidden=True, internal=True):
             store_internal = (splits[:, None] + table[t - splits, : memory + 1 - alpha]
                               + table[splits - 1, alpha:])
             best[alpha:] = np.minimum(best[alpha:], store_internal.min(axis=0))
-        if hidden and t > 1:
-            store_hidden = (splits[:, None] + table[t - splits, :memory]
-                            + table[splits, 1:])
-            best[1:] = np.minimum(best[1:], store_hidden.min(axis=0))
-        best[0] = never
-        table[t] = best
+        if hidden and memory > h and t > 1:
+            store_hidden = (splits[:, None] + table[t - splits, : memory + 1 - h]
+                            + table[splits, h:])
+            best[h:] = np.minimum(best[h:], store_hidden.min(axis=0))
+        best[:h] = never
+        table[t] = np.minimum(best, never)
     return table
 
 
@@ -272,15 +276,91 @@ def test_chen_memory_is_predicted(scheme):
             _check_plan(plan, length, math.inf, 3.0)
 
 
-def test_non_integer_alpha_is_planned_with_ceil_alpha():
-    for memory in (5, 17, 60):
-        assert (planner.plan_cost("msm", 100, memory, alpha=2.5)
-                == planner.plan_cost("msm", 100, memory, alpha=3))
-    plan = planner.make_plan(100, 60, "msm", alpha=2.5)
-    planned_with_3 = planner.make_plan(100, 60, "msm", alpha=3)
-    np.testing.assert_array_equal(plan.ops, planned_with_3.ops)
-    assert plan.alpha == 2.5
-    assert plan.peak_memory < planned_with_3.peak_memory <= 60
+# -- non-integer alpha: planning on a grid of 1/g slot ------------------------------
+
+
+@pytest.mark.parametrize("alpha, grid", [(1.5, 2), (2.5, 2), (4 / 3, 3), (0.5, 2)])
+def test_grid_costs_equal_exhaustive_search(alpha, grid):
+    # On its grid such an alpha is exact, so the grid's optimum is the
+    # optimum of the model with the real alpha, budgets between grid points
+    # included.
+    for length in range(1, 7):
+        full = planner.standard_bptt_memory(length, alpha)
+        for memory in np.arange(1, full + 0.6, 0.25):
+            if length == 6 and memory > 5:
+                break  # large budgets at t=6 make the search slow
+            assert planner._dp_grid(length, memory, alpha) == grid
+            expected = {
+                "msm": brute_force.optimal_cost(length, memory, alpha),
+                "ism": brute_force.optimal_cost(length, memory, alpha, hidden=False),
+            }
+            for scheme, cost in expected.items():
+                assert planner.plan_cost(scheme, length, memory, alpha) == cost, (
+                    scheme, length, memory, alpha)
+
+
+@pytest.mark.parametrize("alpha, hidden", [(2, 2), (3, 2), (5, 3), (7, 3), (22, 7)])
+def test_msm_table_on_a_grid_equals_recursion(alpha, hidden):
+    length = 120
+    memory = min(hidden + (length - 1) * alpha, 300)
+    expected = recursion_table(length, memory, alpha, hidden_size=hidden)
+    table = _planner_msm.MsmTable(length, memory, alpha, hidden)
+    for t in range(1, length + 1):
+        costs = [table.cost(t, m) for m in range(hidden, memory + 1)]
+        np.testing.assert_array_equal(costs, expected[t, hidden:], err_msg=f"t={t}")
+    for t in (2, 57, 120):
+        for m in range(hidden, memory + 1, 7):
+            kind, y = table.split(t, m)
+            if kind == _planner_msm.HIDDEN:
+                value = y + expected[y, m] + expected[t - y, m - hidden]
+            elif y == t:
+                value = t + expected[t - 1, m]
+            else:
+                value = y + expected[y - 1, m] + expected[t - y, m - alpha]
+            assert value == expected[t, m], (t, m, kind, y)
+
+
+@pytest.mark.parametrize("alpha", [2.5, 3.0625, 3.56, 6.4, 0.7, 1.3])
+def test_grid_plans_never_cost_more_than_ceil_alpha(alpha):
+    # An integer alpha plans on grid 1: ceil(alpha) is what the planner used
+    # before the grid, and every grid-1 schedule fits every finer grid.
+    for length in (2, 9, 50, 300):
+        full = planner.standard_bptt_memory(length, alpha)
+        for memory in np.unique(np.geomspace(1, full * 1.1, 25)):
+            for scheme in ("ism", "msm"):
+                plan = planner.make_plan(length, memory, scheme, alpha)
+                coarse = planner.plan_cost(scheme, length, memory, math.ceil(alpha))
+                assert plan.cost <= coarse, (scheme, length, memory)
+                assert plan.peak_memory <= memory + 1e-9
+
+
+def test_lstm_alpha_plans_on_a_finer_grid():
+    # LSTM(256) with 32 features: alpha = 3 + 32/512 = 3.0625, 4 on grid 1.
+    alpha, length = 3.0625, 1000
+    costs = {}
+    for fraction in (0.05, 0.03, 0.02, 0.015):
+        memory = 1 + fraction * (planner.standard_bptt_memory(length, alpha) - 1)
+        _planner_msm._RECENT_TABLES.clear()
+        start = time.perf_counter()
+        plan = planner.make_plan(length, memory, "msm", alpha)
+        assert time.perf_counter() - start < 5  # about 0.3 s; slow CI machines
+        _check_plan(plan, length, memory, alpha)
+        costs[fraction] = plan.cost
+        assert plan.cost < planner.plan_cost("msm", length, memory, alpha=4)
+        assert plan.cost <= planner.plan_cost("ism", length, memory, alpha)
+    assert costs == {0.05: 1951, 0.03: 1983, 0.02: 2374, 0.015: 2632}
+    assert planner._dp_grid(length, 153.97, alpha) == 7  # closed form: no table
+    # A grid that represents alpha exactly reaches standard BPTT's cost t with
+    # standard BPTT's memory.
+    assert planner.plan_cost("msm", 50, planner.standard_bptt_memory(50, 2.5), 2.5) == 50
+
+
+def test_msm_on_a_grid_falls_back_like_grid_one(monkeypatch):
+    monkeypatch.setattr(planner, "MSM_TABLE_WORK_LIMIT", 0)
+    with pytest.warns(UserWarning, match="better of hsm and ism"):
+        cost = planner.plan_cost("msm", 300, 40, alpha=2.5)
+    assert cost == min(planner.plan_cost("hsm", 300, 40, 2.5),
+                       planner.plan_cost("ism", 300, 40, 2.5))
 
 
 # -- auto, cache, errors -----------------------------------------------------------

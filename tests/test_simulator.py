@@ -45,6 +45,16 @@ def test_restore_from_internal_state():
     assert simulator.simulate(_plan(ops, cost=4)).recomputed_ops == 1
 
 
+def test_release_inside_the_forward_sweep():
+    # Early release (msm_early): h_0 is dropped as soon as s_1 can replace it.
+    ops = [
+        (STORE, 0, 0), (DROP, 0, 0), (FSI, 1, 0), (F, 2, 0), (F, 3, 0),
+        (BACK, 3, 0), (RESTORE_I, 1, 0), (F, 2, 0), (BACK, 2, 0), (BACK_I, 1, 0),
+    ]
+    result = simulator.simulate(_plan(ops, cost=4, peak_memory=2.0))
+    assert (result.forward_ops, result.peak_memory) == (4, 2.0)
+
+
 def test_planner_plan_statistics():
     result = simulator.simulate(planner.make_plan(10, 3, scheme="hsm"))
     assert (result.forward_ops, result.recomputed_ops, result.peak_memory) == (25, 15, 3.0)
@@ -68,7 +78,7 @@ def _replace(index, row):
          "BACKWARD 1 must directly follow FORWARD 1"),
         (_replace(6, (RESTORE, 1, 0)), {}, "hidden slot 0 holds step 0, not step 1"),
         (_replace(6, (RESTORE, 0, 4)), {}, "hidden slot 4 is outside the plan's 1 slots"),
-        (_replace(1, (RESTORE, 0, 0)), {}, "forward sweep may only forward and store"),
+        (_replace(1, (RESTORE, 0, 0)), {}, "forward sweep may only forward, store and drop"),
         (_replace(9, (F, 2, 0)), {"cost": 5}, "1 hidden and 0 internal states are still stored"),
         (VALID_OPS[:-2], {}, "steps 1..1 were never backpropagated"),
         (_replace(6, (9, 0, 0)), {}, "unknown opcode 9"),
