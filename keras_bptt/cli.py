@@ -73,8 +73,9 @@ def _add_plan_command(commands):
     command.add_argument("--length", type=int, required=True,
                          help="sequence length t")
     command.add_argument("--budget", default="unlimited",
+                         # argparse formats help with %: escape the "5%" form.
                          help=f"memory budget: {budget_lib.ACCEPTED_FORMS} "
-                         "(default: unlimited)")
+                         "(default: unlimited)".replace("%", "%%"))
     command.add_argument("--alpha", type=float, default=1.0,
                          help="internal-state size / hidden-state size")
     command.add_argument("--backward-ratio", type=float, default=2.0,

@@ -83,3 +83,10 @@ def test_python_dash_m_entry_point():
         capture_output=True, text=True, check=True,
     )
     assert "auto picks" in result.stdout
+
+
+def test_plan_help_lists_the_budget_forms(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plan", "--help"])
+    assert exit_info.value.code == 0
+    assert "'5%'" in capsys.readouterr().out
