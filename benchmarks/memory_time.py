@@ -43,23 +43,35 @@ _OUT_OF_MEMORY_SIGNS = (
 )
 
 
-def _configurations(budgets, schemes, jit_compile, chen=True):
-    yield {"layer": "rnn"}
+def _configurations(budgets, schemes, jit_compile, chen=True, fused_budgets=(),
+                    chunked=False, reference=True):
+    if reference:
+        yield {"layer": "rnn"}
     # cuDNN's kernel (keras.layers.LSTM on a GPU) cannot be compiled by XLA:
     # under --jit-compile it is measured as it runs best, uncompiled.
     yield {"layer": "lstm", "jit_compile": False} if jit_compile else {"layer": "lstm"}
     for scheme in schemes:
         for fraction in budgets:
-            yield {"layer": "budget", "memory_budget": fraction, "scheme": scheme}
+            yield {"layer": "budget", "memory_budget": fraction, "scheme": scheme,
+                   "fused": False}
+    for fraction in fused_budgets:
+        yield {"layer": "budget", "memory_budget": fraction, "scheme": "auto",
+               "fused": True, "jit_compile": False}
     if chen:
-        yield {"layer": "budget", "memory_budget": 0.05, "scheme": "chen_sqrt_hidden"}
+        yield {"layer": "budget", "memory_budget": 0.05, "scheme": "chen_sqrt_hidden",
+               "fused": False}
+    if chunked:
+        yield {"layer": "chunked", "jit_compile": False}
 
 
 def _label(result):
+    cell = {"lstm": "LSTM", "gru": "GRU"}[result.get("cell", "lstm")]
     if result["layer"] == "rnn":
-        return "keras.layers.RNN(LSTMCell)"
+        return f"keras.layers.RNN({cell}Cell)"
     if result["layer"] == "lstm":
-        return "keras.layers.LSTM" + result.get("label_suffix", "")
+        return f"keras.layers.{cell}" + result.get("label_suffix", "")
+    if result["layer"] == "chunked":
+        return f"{cell} chunks+recompute_grad"
     chosen = result.get("plan_scheme", result["scheme"])
     scheme = chosen if result["scheme"] == chosen else f"{result['scheme']}: {chosen}"
     return f"MemoryBudgetRNN {result['memory_budget'] * 100:g}% ({scheme})"
@@ -91,29 +103,44 @@ def _ratio(row, reference, key):
 
 
 def run(lengths, budgets, schemes, batch, units, features, repeats, jit_compile,
-        chen=True):
+        chen=True, cell="lstm", fused_budgets=(), chunked=False, reference=True):
     results = []
     for length in lengths:
         rows = []
-        for config in _configurations(budgets, schemes, jit_compile, chen):
+        for config in _configurations(budgets, schemes, jit_compile, chen,
+                                      fused_budgets, chunked, reference):
             config = {
                 "length": length, "batch": batch, "units": units,
                 "features": features, "repeats": repeats,
-                "jit_compile": jit_compile, **config,
+                "jit_compile": jit_compile, "cell": cell, **config,
             }
             print(f"measuring {config} ...", flush=True)
             row = _measure(config)
             if jit_compile and not row["jit_compile"]:
                 row["label_suffix"] = " (no XLA)"
             rows.append(row)
-        reference, lstm = rows[0], rows[1]
-        b = None if reference.get("out_of_memory") else measured_backward_ratio(reference)
+        if reference:
+            reference_row, lstm = rows[0], rows[1]
+        else:  # --no-reference: ratios to keras.layers.LSTM only
+            reference_row, lstm = {"out_of_memory": True}, rows[0]
+        reference_row_missing = reference_row.get("out_of_memory")
+        b = None if reference_row_missing else measured_backward_ratio(reference_row)
         for r in rows:
-            r["memory_ratio"] = _ratio(r, reference, "step_peak_bytes")
-            r["time_ratio"] = _ratio(r, reference, "step_seconds")
+            r["memory_ratio"] = _ratio(r, reference_row, "step_peak_bytes")
+            r["time_ratio"] = _ratio(r, reference_row, "step_seconds")
             r["memory_ratio_lstm"] = _ratio(r, lstm, "step_peak_bytes")
             r["time_ratio_lstm"] = _ratio(r, lstm, "step_seconds")
-            if r["layer"] == "budget" and b is not None and "plan_cost" in r:
+            if "fused_predicted_seconds" in r and not r.get("out_of_memory"):
+                # The launch-aware model's seconds (calibrated on the device)
+                # against the measured step.
+                if not reference_row_missing:
+                    r["predicted_time_ratio"] = (
+                        r["fused_predicted_seconds"] / reference_row["step_seconds"]
+                    )
+                r["prediction_error"] = (
+                    r["step_seconds"] / r["fused_predicted_seconds"] - 1.0
+                )
+            elif r["layer"] == "budget" and b is not None and "plan_cost" in r:
                 r["backward_ratio"] = b
                 r["predicted_time_ratio"] = (r["plan_cost"] / length + b) / (1 + b)
         results.extend(rows)
@@ -180,8 +207,8 @@ def plot(results, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[250, 1000, 4000])
-    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    parser.add_argument("--budgets", type=float, nargs="*", default=list(BUDGETS))
+    parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--units", type=int, default=256)
     parser.add_argument("--features", type=int, default=32)
@@ -193,6 +220,21 @@ def main():
     parser.add_argument(
         "--chen", action=argparse.BooleanOptionalAction, default=True,
         help="Also measure chen_sqrt_hidden at a 5%% budget (default: yes).",
+    )
+    parser.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
+    parser.add_argument(
+        "--fused-budgets", type=float, nargs="*", default=[],
+        help="Budgets of MemoryBudgetRNN(fused=True) rows (fused segments).",
+    )
+    parser.add_argument(
+        "--chunked", action="store_true",
+        help="Add the hand-written alternative: keras.layers.LSTM/GRU over "
+        "~sqrt(t) chunks under tf.recompute_grad.",
+    )
+    parser.add_argument(
+        "--reference", action=argparse.BooleanOptionalAction, default=True,
+        help="Measure keras.layers.RNN(cell) (default: yes; skip it where it "
+        "is far too slow or large, e.g. a GPU at t=12000).",
     )
     parser.add_argument("--output", default=str(RESULTS / "memory_time"))
     parser.add_argument(
@@ -208,7 +250,8 @@ def main():
         return
     results = run(
         args.lengths, args.budgets, args.schemes, args.batch, args.units,
-        args.features, args.repeats, args.jit_compile, args.chen,
+        args.features, args.repeats, args.jit_compile, args.chen, args.cell,
+        args.fused_budgets, args.chunked, args.reference,
     )
     print_table(results)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -14,13 +14,45 @@ def default_memory_device():
     return "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
 
 
+def memory_statistics_problem(device):
+    """Why TensorFlow cannot report peak memory on `device`, or `None`.
+
+    Tries `tf.config.experimental.reset_memory_stats(device)` and
+    `get_memory_info(device)`. On CPU they work only when the environment
+    variable `TF_CPU_ALLOCATOR_USE_BFC=true` was set before TensorFlow was
+    imported; without it both raise.
+
+    Returns:
+        `None` when the statistics are available, else a sentence that says
+        what is missing and how to enable it.
+    """
+    try:
+        tf.config.experimental.reset_memory_stats(device)
+        tf.config.experimental.get_memory_info(device)
+    except (ValueError, RuntimeError, tf.errors.OpError) as error:
+        how = (
+            "set the environment variable TF_CPU_ALLOCATOR_USE_BFC=true "
+            "before TensorFlow is imported"
+            if device.upper().startswith("CPU")
+            else "check that the device exists and TensorFlow uses it"
+        )
+        return (
+            f"peak memory is not measured: TensorFlow has no allocator "
+            f"statistics for {device} ({str(error).strip()}). To measure it, "
+            f"{how}."
+        )
+    return None
+
+
 class BatchMemoryUsage(keras.callbacks.Callback):
     """Records each training batch's peak device memory and wall time.
 
     Resets TensorFlow's allocator statistics before every batch and reads the
-    peak after it. On CPU the statistics count every tensor only when the
-    environment variable `TF_CPU_ALLOCATOR_USE_BFC=true` was set before
-    TensorFlow was imported; the callback warns otherwise.
+    peak after it. On CPU, TensorFlow keeps these statistics only when the
+    environment variable `TF_CPU_ALLOCATOR_USE_BFC=true` was set before it
+    was imported. Without statistics the callback never stops training: it
+    warns once (`problem` says what is missing), records only the times and
+    leaves the byte lists empty.
 
     Args:
         device: `"GPU:0"`, `"CPU:0"`, or `None` to pick the GPU when present.
@@ -31,13 +63,16 @@ class BatchMemoryUsage(keras.callbacks.Callback):
         step_peak_bytes: Peak of each batch above what was allocated when it
             began: what the training step itself needed.
         seconds: Wall time of each batch, in order.
+        problem: `None` once statistics were found to work, else why peak
+            memory is not measured (see `memory_statistics_problem`).
 
     Example:
 
     ```python
     usage = BatchMemoryUsage()
     model.fit(x, y, callbacks=[usage])
-    print(max(usage.peak_bytes) / 2**20, "MiB")
+    if usage.peak_bytes:
+        print(max(usage.peak_bytes) / 2**20, "MiB")
     ```
     """
 
@@ -47,29 +82,39 @@ class BatchMemoryUsage(keras.callbacks.Callback):
         self.peak_bytes = []
         self.step_peak_bytes = []
         self.seconds = []
+        self.problem = None
+        self._checked = False
         self._start = None
         self._start_bytes = 0
-        if self.device.startswith("CPU") and (
-            os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") != "true"
-        ):
-            warnings.warn(
-                "BatchMemoryUsage on CPU: set TF_CPU_ALLOCATOR_USE_BFC=true "
-                "before importing TensorFlow, or the peak misses most tensors.",
-                stacklevel=2,
-            )
+
+    @property
+    def measures_memory(self):
+        """Whether peak memory is being recorded (checked at first use)."""
+        self._check()
+        return self.problem is None
+
+    def _check(self):
+        if self._checked:
+            return
+        self._checked = True
+        self.problem = memory_statistics_problem(self.device)
+        if self.problem is not None:
+            warnings.warn(f"keras_bptt.callbacks: {self.problem}", stacklevel=3)
 
     def on_train_batch_begin(self, batch, logs=None):
-        tf.config.experimental.reset_memory_stats(self.device)
-        self._start_bytes = tf.config.experimental.get_memory_info(self.device)[
-            "current"
-        ]
+        if self.measures_memory:
+            tf.config.experimental.reset_memory_stats(self.device)
+            self._start_bytes = tf.config.experimental.get_memory_info(
+                self.device
+            )["current"]
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
-        info = tf.config.experimental.get_memory_info(self.device)
-        self.peak_bytes.append(int(info["peak"]))
-        self.step_peak_bytes.append(int(info["peak"]) - int(self._start_bytes))
+        if self.measures_memory:
+            info = tf.config.experimental.get_memory_info(self.device)
+            self.peak_bytes.append(int(info["peak"]))
+            self.step_peak_bytes.append(int(info["peak"]) - int(self._start_bytes))
 
 
 def budgeted_layers(model):
@@ -114,15 +159,31 @@ class BudgetMonitor(keras.callbacks.Callback):
     `memory/step_peak_bytes` above what was allocated when the batch began)
     on one chart with the layers' predicted stored bytes
     (`memory/predicted_stored_bytes`). Each new plan is written once as a text
-    summary and as an image of its execution schedule. The values also go
-    into the batch `logs` (as `<layer>_recomputed_steps`,
-    `<layer>_peak_stored_slots` and `peak_memory_mib`), so the progress bar
-    shows them when `show_in_logs=True`.
+    summary and as an image of its execution schedule. When training begins,
+    `keras_bptt.summary(model)`'s table is written once as the text summary
+    `memory/budget_summary`.
+
+    What reaches the logs of `fit` (so `History`, the progress bar,
+    `keras.callbacks.TensorBoard`, `CSVLogger` and `EarlyStopping` see it,
+    whatever the order of the callbacks):
+
+    * `<layer>_recomputed_steps` and `<layer>_peak_stored_slots`: metrics
+      owned by each budgeted layer (see `keras_bptt.metrics`), which the
+      callback switches on for layers with `report_metrics="auto"` (the
+      default) when it is attached to the model.
+    * `peak_memory_mib`: the largest peak device memory of the epoch's
+      batches so far, in MiB, when `show_in_logs=True`. The peak is read from
+      TensorFlow's allocator statistics between steps, which a graph metric
+      cannot do: the callback wraps `model.train_function` for the duration
+      of `fit` to reset the statistics before each step and add the value to
+      the step's logs before any callback sees them.
 
     Device memory is the peak of TensorFlow's allocator statistics on
-    `device` (the GPU when there is one). On CPU it counts every tensor only
-    when `TF_CPU_ALLOCATOR_USE_BFC=true` was set before TensorFlow was
-    imported; otherwise the callback warns and the figure is low.
+    `device` (the GPU when there is one). On CPU TensorFlow keeps them only
+    when `TF_CPU_ALLOCATOR_USE_BFC=true` was set before it was imported.
+    Without them training goes on: the callback warns once, writes every
+    other summary, leaves `peak_memory_mib` out of the logs and writes a
+    text summary `memory/unavailable` that says how to enable them.
 
     Under `tf.distribute`, counters are those of one replica: every replica
     runs the same plan, and the budget is per replica.
@@ -131,7 +192,7 @@ class BudgetMonitor(keras.callbacks.Callback):
         log_dir: TensorBoard log directory.
         update_freq: Write every this many training batches.
         device: Device for memory statistics; `None` picks the GPU if any.
-        show_in_logs: Add the main counters to the batch `logs`.
+        show_in_logs: Add `peak_memory_mib` to the logs of `fit`.
 
     Example:
 
@@ -151,6 +212,8 @@ class BudgetMonitor(keras.callbacks.Callback):
         self._layers = []
         self._plans_written = {}
         self._step = 0
+        self._epoch_peak_bytes = 0
+        self._unwrapped_train_function = None
 
     @property
     def peak_bytes(self):
@@ -167,6 +230,20 @@ class BudgetMonitor(keras.callbacks.Callback):
         """Wall time of each training batch, in order."""
         return self._memory.seconds
 
+    @property
+    def problem(self):
+        """`None`, or why peak memory is not measured."""
+        return self._memory.problem
+
+    def set_model(self, model):
+        super().set_model(model)
+        # Layers with report_metrics="auto" report their counters while a
+        # monitor watches; a train function traced without them is retraced
+        # (fit makes it after set_model, before on_train_begin).
+        changed = [layer.report_metrics_in_logs() for layer in budgeted_layers(model)]
+        if any(changed) and getattr(model, "train_function", None) is not None:
+            model.train_function = None
+
     def on_train_begin(self, logs=None):
         self._layers = budgeted_layers(self.model)
         self._writer = tf.summary.create_file_writer(self.log_dir)
@@ -174,23 +251,49 @@ class BudgetMonitor(keras.callbacks.Callback):
             tf.summary.experimental.write_raw_pb(
                 _memory_chart_layout(), step=0, name="custom_scalars"
             )
+            if not self._memory.measures_memory:
+                tf.summary.text("memory/unavailable", self.problem, step=0)
+            if self._layers:
+                from keras_bptt import model_budget
 
-    def on_train_batch_begin(self, batch, logs=None):
-        self._memory.on_train_batch_begin(batch, logs)
+                text = model_budget.summary_markdown(self.model)
+                tf.summary.text("memory/budget_summary", text, step=0)
+        self._wrap_train_function()
+
+    def _wrap_train_function(self):
+        """Measures each step inside `model.train_function` (see the class)."""
+        function = self.model.train_function
+        # A wrapper left by an interrupted fit: measure once, not twice.
+        function = getattr(function, "_keras_bptt_unwrapped", function)
+        self._unwrapped_train_function = function
+
+        def measured_train_function(iterator):
+            self._memory.on_train_batch_begin(None)
+            logs = function(iterator)
+            self._memory.on_train_batch_end(None)
+            if self.show_in_logs and self._memory.measures_memory:
+                self._epoch_peak_bytes = max(
+                    self._epoch_peak_bytes, self.peak_bytes[-1]
+                )
+                logs = dict(logs, peak_memory_mib=self._epoch_peak_bytes / 2**20)
+            return logs
+
+        measured_train_function._keras_bptt_unwrapped = function
+        self.model.train_function = measured_train_function
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_peak_bytes = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        self._memory.on_train_batch_end(batch, logs)
         self._step += 1
-        peak = self._memory.peak_bytes[-1]
-        if logs is not None and self.show_in_logs:
-            logs["peak_memory_mib"] = peak / 2**20
         if self._step % self.update_freq:
             return
         with self._writer.as_default(step=self._step):
-            tf.summary.scalar("memory/device_peak_bytes", peak)
-            tf.summary.scalar(
-                "memory/step_peak_bytes", self._memory.step_peak_bytes[-1]
-            )
+            if self._memory.measures_memory and self.peak_bytes:
+                tf.summary.scalar("memory/device_peak_bytes", self.peak_bytes[-1])
+                tf.summary.scalar(
+                    "memory/step_peak_bytes", self.step_peak_bytes[-1]
+                )
             predicted = 0
             for layer in self._layers:
                 stats = layer.execution_stats.as_dict()
@@ -199,13 +302,6 @@ class BudgetMonitor(keras.callbacks.Callback):
                 predicted += stats["planned/peak_stored_bytes"]
                 for key, value in stats.items():
                     tf.summary.scalar(f"{layer.name}/{key}", value)
-                if logs is not None and self.show_in_logs:
-                    logs[f"{layer.name}_recomputed_steps"] = stats[
-                        "measured/recomputed_steps"
-                    ]
-                    logs[f"{layer.name}_peak_stored_slots"] = stats[
-                        "measured/peak_stored_slots"
-                    ]
                 self._write_plan(layer, stats)
             tf.summary.scalar("memory/predicted_stored_bytes", predicted)
 
@@ -218,6 +314,9 @@ class BudgetMonitor(keras.callbacks.Callback):
         tf.summary.image(f"{layer.name}/schedule", _schedule_image(plan))
 
     def on_train_end(self, logs=None):
+        if self._unwrapped_train_function is not None:
+            self.model.train_function = self._unwrapped_train_function
+            self._unwrapped_train_function = None
         if self._writer is not None:
             self._writer.flush()
 

@@ -25,11 +25,53 @@ _NOT_STORED_OPS = frozenset({"Const", "ReadVariableOp", "Identity", "NoOp", "Sha
 _METADATA_OPS = frozenset({"Shape", "ShapeN", "Rank", "Size", "ZerosLike", "OnesLike"})
 
 
+def is_dims(size):
+    """Whether `size` is a non-empty list or tuple of dimensions (int, None)."""
+    return isinstance(size, (list, tuple)) and len(size) > 0 and all(
+        d is None or isinstance(d, (int, np.integer)) for d in size
+    )
+
+
+def state_shapes(state_size):
+    """A cell's `state_size` read as one shape (without batch) per flat state.
+
+    An int `n` is a `[batch, n]` state; a `tf.TensorShape` is a state of that
+    shape; a list or tuple lists state sizes, except that a tuple of ints
+    *inside* such a list is one state's shape (`[(4, 4, 2)]`: one
+    `[batch, 4, 4, 2]` state). So `[4, 4]`, `(4, 4)` and a stack's
+    `[[4, 4], 3]` keep their `keras.layers.RNN` meaning (one state per int).
+
+    Example:
+
+    >>> state_shapes([(4, 4, 2), 3, tf.TensorShape([2, 5])])
+    [(4, 4, 2), (3,), (2, 5)]
+    """
+
+    def read(size, top):
+        if isinstance(size, tf.TensorShape):
+            return [tuple(size.as_list())]
+        if size is None or isinstance(size, (int, np.integer)):
+            return [(size if size is None else int(size),)]
+        if isinstance(size, tuple) and not top and is_dims(size):
+            return [size]
+        return [shape for item in size for shape in read(item, False)]
+
+    return read(state_size, True)
+
+
 def per_sample_bytes(tensors):
     """Bytes of one batch entry of each tensor in `tensors`, summed."""
+    for t in tensors:
+        if not t.shape[1:].is_fully_defined():
+            raise ValueError(
+                "The bytes of a state need its shape beyond the batch axis; "
+                f"got a state of shape {t.shape}. Give the cell's states "
+                "static non-batch dimensions (e.g. a fixed input shape)."
+            )
     return int(
         sum(
-            np.prod(t.shape[1:], dtype=np.int64) * tf.as_dtype(t.dtype).size
+            np.prod(t.shape[1:].as_list(), dtype=np.int64)
+            * tf.as_dtype(t.dtype).size
             for t in tensors
         )
     )

@@ -26,6 +26,9 @@ def _variable(dtype):
     )
 
 
+FUSED_COUNTERS = ("fused_forward_calls", "fused_backward_calls", "fused_steps")
+
+
 class ExecutionStats:
     """Measured and planned counts of a layer's last forward/backward pass.
 
@@ -41,6 +44,10 @@ class ExecutionStats:
         slot_bytes: Bytes of one stored hidden state (whole batch).
         alpha: The internal/hidden size ratio the plan used.
         executions: Number of backward passes run since creation.
+        fused: Dict of `tf.Variable`s named after `FUSED_COUNTERS`: the fused
+            kernel calls of the last backward pass, forward and backward, and
+            the steps they evaluated (zero on the per-step path), counted by
+            `keras_bptt.fused_executor`.
 
     Example:
 
@@ -60,6 +67,7 @@ class ExecutionStats:
             self.slot_bytes = _variable(tf.int64)
             self.alpha = _variable(tf.float64)
             self.executions = _variable(tf.int64)
+            self.fused = {name: _variable(tf.int64) for name in FUSED_COUNTERS}
 
     def record_planned(self, expected, plan_facts, slot_bytes, alpha):
         """Assigns the plan's predictions.
@@ -104,6 +112,14 @@ class ExecutionStats:
             self.executions.assign_add(1),
         )
 
+    def record_fused(self, counts):
+        """Assigns a fused execution's call counts (`FusedCallCounts`)."""
+        return tf.group(
+            self.fused["fused_forward_calls"].assign(counts.forward_calls),
+            self.fused["fused_backward_calls"].assign(counts.backward_calls),
+            self.fused["fused_steps"].assign(counts.steps),
+        )
+
     def as_dict(self):
         """The current values, keyed `measured/...`, `planned/...` and more.
 
@@ -119,6 +135,12 @@ class ExecutionStats:
         values["measured/peak_stored_bytes"] = int(self.peak_stored_bytes.numpy())
         values["planned/peak_stored_bytes"] = int(
             round(float(self.planned_peak_units.numpy()) * slot_bytes)
+        )
+        fused = {k: int(v.numpy()) for k, v in self.fused.items()}
+        values.update({f"measured/{k}": v for k, v in fused.items()})
+        calls = fused["fused_forward_calls"] + fused["fused_backward_calls"]
+        values["measured/steps_per_fused_call"] = (
+            fused["fused_steps"] / calls if calls else 0.0
         )
         values.update(
             plan_cost=int(self.plan_cost.numpy()),

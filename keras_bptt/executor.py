@@ -180,7 +180,8 @@ def run_recurrence(
         inputs: Tensor `[batch, t, ...]`.
         initial_states: Flat list of state tensors `[batch, ...]`.
         program: `ProgramTensors` for this length.
-        mask: Optional boolean tensor `[batch, t]`.
+        mask: Optional boolean tensor `[batch, t]` (or `[batch, t, ...]`,
+            broadcast over the states' trailing axes, as `keras.backend.rnn`).
         go_backwards: Process the sequence from its last step to its first.
         return_sequences: Return all outputs `[batch, t, ...]` (in processing
             order, as `keras.layers.RNN`) or only the last.

@@ -108,6 +108,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_bptt import cell_memory
+
 PROTOCOL_METHOD = "memory_budget_internal_step"
 
 _FLOAT_DTYPES = ("float32", "float64")
@@ -786,7 +788,11 @@ class _SimpleRNNStep(_KerasCellStep):
 
 
 def _flat_state_count(cell):
-    return len(keras.tree.flatten(cell.state_size))
+    # Not keras.tree.flatten: a shaped state size ([(4, 4, 2)], a
+    # TensorShape) is one state, not one per dimension.
+    if isinstance(cell, keras.layers.StackedRNNCells):
+        return sum(_flat_state_count(c) for c in cell.cells)
+    return len(cell_memory.state_shapes(cell.state_size))
 
 
 def _split_by_counts(items, counts):

@@ -1,5 +1,8 @@
 """`MemoryBudgetRNN`: `keras.layers.RNN` with budgeted backpropagation."""
 
+import dataclasses
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -7,9 +10,13 @@ from tensorflow.python.eager import record
 
 from keras_bptt import budget as budget_lib
 from keras_bptt import cell_memory
+from keras_bptt import _planner_fused as planner_fused
 from keras_bptt import execution_stats
 from keras_bptt import executor
+from keras_bptt import fused as fused_lib
+from keras_bptt import fused_executor
 from keras_bptt import internal_states
+from keras_bptt import metrics as metrics_lib
 from keras_bptt import planner
 from keras_bptt import program as program_lib
 from keras_bptt import steps as steps_lib
@@ -28,9 +35,11 @@ def _require_tensorflow_backend():
 
 
 def _flat_state_sizes(state_size):
-    if isinstance(state_size, int):
-        return [state_size]
-    return [size for item in state_size for size in _flat_state_sizes(item)]
+    """One entry per flat state: an int size, or a shaped state's tuple."""
+    return [
+        shape[0] if len(shape) == 1 else shape
+        for shape in cell_memory.state_shapes(state_size)
+    ]
 
 
 def _check_sequences(sequences):
@@ -44,18 +53,65 @@ def _check_sequences(sequences):
 
 
 def _check_initial_state(initial_state, state_size):
-    expected = _flat_state_sizes(state_size)
-    given = keras.tree.flatten(initial_state)
-    sizes = [s.shape[-1] for s in given]
-    if len(given) != len(expected) or any(
-        g is not None and g != e for g, e in zip(sizes, expected)
-    ):
-        raise ValueError(
-            f"initial_state has {len(given)} tensor(s) of last dimensions "
-            f"{sizes}; the cell expects {len(expected)} state(s) of sizes "
-            f"{expected} (one (batch, size) tensor per state, in the order of "
-            "cell.state_size)."
+    """Raises unless `initial_state` fits some reading of `state_size`.
+
+    An int size matches a state's last axis (as before; a convolutional cell
+    may give its channel count); a `tf.TensorShape`, or a tuple of ints
+    inside a list or tuple read as one shape (`[(4, 4, 2)]`), matches a
+    state's shape beyond the batch axis; a list or tuple otherwise lists
+    state sizes. Keras' own RNN checks nothing, so every reading that fits
+    is accepted; a cell that states no sizes (a negative placeholder, as
+    `ConvLSTMCell`'s -1) is not checked.
+    """
+
+    def has_placeholder(size):
+        if isinstance(size, (int, np.integer)):
+            return size < 0
+        return isinstance(size, (list, tuple)) and any(
+            has_placeholder(item) for item in size
         )
+
+    def fits(shape, size):
+        if shape.rank is None or size is None:
+            return True
+        if isinstance(size, (int, np.integer)):
+            return shape.rank >= 1 and shape[-1] in (None, size)
+        return shape[1:].is_compatible_with(tf.TensorShape(size))
+
+    def ends(size, start, top=False):
+        """Where readings of `size` that fit `shapes[start:]` end."""
+        leaf = size is None or isinstance(size, (int, np.integer, tf.TensorShape))
+        shape = isinstance(size, tuple) and not top and cell_memory.is_dims(size)
+        reached = set()
+        if (leaf or shape) and start < len(shapes):
+            if fits(shapes[start], size):
+                reached.add(start + 1)
+        if leaf:
+            return reached
+        positions = {start}
+        for item in size:
+            positions = {end for p in positions for end in ends(item, p)}
+        return reached | positions
+
+    if has_placeholder(state_size):
+        return
+    given = keras.tree.flatten(initial_state)
+    shapes = [tf.TensorShape(s.shape) for s in given]
+    if len(shapes) in ends(state_size, 0, top=True):
+        return
+    expected = _flat_state_sizes(state_size)
+    sizes = [
+        None if s.rank is None
+        else s[-1] if s.rank == 2
+        else tuple(s[1:].as_list())
+        for s in shapes
+    ]
+    raise ValueError(
+        f"initial_state has {len(given)} tensor(s) of sizes {sizes}; the "
+        f"cell expects {len(expected)} state(s) of sizes {expected} (one "
+        "(batch, size) tensor per int size, (batch, *shape) per shape, in "
+        "the order of cell.state_size)."
+    )
 
 
 def _stores_internal_states(scheme):
@@ -79,6 +135,47 @@ def _validate_scheme(scheme, cell):
     return scheme
 
 
+FUSED_CHOICES = ("auto", True, False)
+
+
+def _validate_fused(fused, scheme, cell):
+    if fused not in FUSED_CHOICES or not isinstance(fused, (bool, str)):
+        raise ValueError(
+            f"fused={fused!r} for MemoryBudgetRNN; expected 'auto', True or "
+            "False."
+        )
+    if fused is True:
+        if scheme != "auto":
+            raise ValueError(
+                f"fused=True plans fused segments itself; scheme={scheme!r} is "
+                "a per-step scheme. Use scheme='auto' with fused=True, or "
+                "fused=False (or 'auto') to keep the per-step scheme."
+            )
+        _, reason = fused_lib.kernel_for(cell)
+        if reason is not None:
+            raise ValueError(f"fused=True cannot run: {reason} Use fused='auto'.")
+    return fused
+
+
+def _segment_costs(costs):
+    if costs is None or isinstance(costs, planner_fused.SegmentCosts):
+        return costs
+    if isinstance(costs, dict):
+        return planner_fused.SegmentCosts(**costs)
+    raise ValueError(
+        f"segment_costs={costs!r}; expected None (calibrate on the device), a "
+        "keras_bptt._planner_fused.SegmentCosts or a dict of its fields."
+    )
+
+
+@dataclasses.dataclass
+class _FusedProgram:
+    """What the layer records of a fused plan (as `ProgramTensors` does)."""
+
+    expected_counts: tf.Tensor
+    plan_facts: tf.Tensor
+
+
 @keras.saving.register_keras_serializable(package="keras_bptt")
 class MemoryBudgetRNN(keras.layers.RNN):
     """`keras.layers.RNN` whose backpropagation fits a memory budget.
@@ -94,7 +191,14 @@ class MemoryBudgetRNN(keras.layers.RNN):
     Args:
         cell: An RNN cell (anything `keras.layers.RNN` accepts: a Keras cell,
             a custom cell with `call` and `state_size`, or a list of cells).
-        memory_budget: What the layer may keep for backpropagation:
+        return_sequences, return_state, go_backwards, stateful,
+        zero_output_for_mask: As in `keras.layers.RNN`, in the same
+            positional order.
+        unroll: Accepted for compatibility. It only affects calls without
+            gradients (inference); a budgeted backward pass always runs a
+            `tf.while_loop`, since unrolling would keep every step.
+        memory_budget: Keyword-only. What the layer may keep for
+            backpropagation:
             - an `int`: hidden-state slots (the initial state counts as one);
             - a `float` in (0, 1] or a string like `"5%"`: a fraction of the
               memory standard BPTT keeps for this sequence length;
@@ -103,18 +207,33 @@ class MemoryBudgetRNN(keras.layers.RNN):
               `keras.layers.RNN` does it.
             Inputs, outputs and their gradients are O(t) by nature and not
             part of the budget.
-        scheme: `"auto"` (default: the fastest plan that fits, storing
-            internal states when the cell supports them), `"msm"`,
+        scheme: Keyword-only. `"auto"` (default: the fastest plan that fits,
+            storing internal states when the cell supports them), `"msm"`,
             `"msm_early"` (MSM releasing start states early), `"ism"` (need
             a cell with internal states, see
             `keras_bptt.internal_states`), `"hsm"` (optimal hidden-state
             checkpointing, any cell), `"store_all"`, `"chen_sqrt"`,
             `"chen_sqrt_hidden"`, `"bisection"` or `"recompute_all"`.
-        return_sequences, return_state, go_backwards, stateful,
-        zero_output_for_mask: As in `keras.layers.RNN`.
-        unroll: Accepted for compatibility. It only affects calls without
-            gradients (inference); a budgeted backward pass always runs a
-            `tf.while_loop`, since unrolling would keep every step.
+        report_metrics: Keyword-only. With a limited budget the layer owns
+            two Keras metrics updated by every backward pass with the
+            executor's counts, `<name>_recomputed_steps` and
+            `<name>_peak_stored_slots` (see `keras_bptt.metrics`). They are
+            in `model.metrics`, and so in the logs of `fit` (and the values
+            `evaluate` returns), when `True`; with `"auto"` (default) only
+            once a `keras_bptt.callbacks.BudgetMonitor` watches the model,
+            so that a model without one logs exactly what Keras' layers
+            would; never with `False`.
+        fused: Keyword-only. Whether to run the recurrence as fused segments
+            of steps (`keras_bptt.fused`): `"auto"` (default) on a GPU
+            whenever cuDNN computes exactly what the cell does, else the
+            per-step executor (identical results); `True` always (on a CPU
+            an `LSTMCell` runs `BlockLSTMV2`), raising a `ValueError` that
+            says why where it cannot; `False` never. A fused plan is made
+            by the launch-aware planner (`keras_bptt._planner_fused`).
+        segment_costs: Keyword-only. The fused kernels' costs to plan with
+            (a `keras_bptt._planner_fused.SegmentCosts` or a dict of its
+            fields); `None` (default) measures them on the device at the
+            first call (`keras_bptt.fused.calibrate`, cached).
 
     Call arguments:
         sequences, initial_state, mask, training: As in `keras.layers.RNN`.
@@ -137,14 +256,18 @@ class MemoryBudgetRNN(keras.layers.RNN):
     def __init__(
         self,
         cell,
-        memory_budget=None,
-        scheme="auto",
         return_sequences=False,
         return_state=False,
         go_backwards=False,
         stateful=False,
         unroll=False,
         zero_output_for_mask=False,
+        *,
+        memory_budget=None,
+        scheme="auto",
+        report_metrics="auto",
+        fused="auto",
+        segment_costs=None,
         **kwargs,
     ):
         _require_tensorflow_backend()
@@ -167,9 +290,67 @@ class MemoryBudgetRNN(keras.layers.RNN):
         )
         self.memory_budget = memory_budget
         self.scheme = _validate_scheme(scheme, self.cell)
+        if report_metrics not in ("auto", True, False):
+            raise ValueError(
+                f"report_metrics={report_metrics!r} for MemoryBudgetRNN; "
+                "expected 'auto' (while a BudgetMonitor watches the model), "
+                "True or False."
+            )
+        self.report_metrics = report_metrics
+        self._reporting_metrics = report_metrics is True
+        self.fused = _validate_fused(fused, scheme, self.cell)
+        if fused is not False and fused_lib.kernel_for(self.cell)[0] in (
+            "cudnn_lstm", "cudnn_gru"
+        ):
+            # cuDNN's ops have no XLA kernel (as keras.layers.LSTM).
+            self.supports_jit = False
+        self.segment_costs = _segment_costs(segment_costs)
+        self.last_fused_plan = None
+        self.last_fused_prediction = None
         self._alpha = None
         self.last_plan = None
         self.execution_stats = execution_stats.ExecutionStats()
+        self.recomputed_steps_metric = None
+        self.peak_stored_slots_metric = None
+
+    def build(self, sequences_shape, initial_state_shape=None):
+        super().build(sequences_shape, initial_state_shape)
+        # Created here, not in __init__: Bidirectional renames its copies
+        # after constructing them, and a metric's name is fixed at creation.
+        if self.report_metrics is not False and not self._budget.is_unlimited:
+            recomputed, peak = metrics_lib.counter_metric_names(self.name)
+            self.recomputed_steps_metric = keras.metrics.Mean(name=recomputed)
+            self.peak_stored_slots_metric = metrics_lib.Maximum(name=peak)
+
+    @property
+    def metrics(self):
+        """Keras' `Layer.metrics`, the counter metrics only when reported."""
+        metrics = super().metrics
+        if self._reporting_metrics:
+            return metrics
+        own = (self.recomputed_steps_metric, self.peak_stored_slots_metric)
+        return [m for m in metrics if all(m is not o for o in own)]
+
+    def report_metrics_in_logs(self):
+        """Puts the counter metrics in `model.metrics` (and so in the logs).
+
+        Called by `keras_bptt.callbacks.BudgetMonitor` for layers with
+        `report_metrics="auto"`. Returns whether anything changed (a traced
+        train function must then be traced again to include them).
+        """
+        changed = not self._reporting_metrics and self.report_metrics is not False
+        self._reporting_metrics = self._reporting_metrics or changed
+        return changed
+
+    def _record_backward(self, counts, fused=None):
+        """The gradient function's counts: into the stats and the metrics."""
+        updates = [self.execution_stats.record_backward(counts)]
+        if fused is not None:
+            updates.append(self.execution_stats.record_fused(fused))
+        if self.recomputed_steps_metric is not None:
+            self.recomputed_steps_metric.update_state(counts.recomputed_steps)
+            self.peak_stored_slots_metric.update_state(counts.peak_stored_slots)
+        return tf.group(updates)
 
     @property
     def budget(self):
@@ -247,6 +428,80 @@ class MemoryBudgetRNN(keras.layers.RNN):
             tensor.set_shape(shape)
         return executor.ProgramTensors(*tensors)
 
+    def _fused_kernel(self, sequences, mask, training):
+        """The segment kernel to run, or `None` for the per-step executor.
+
+        `fused="auto"` fuses on a GPU whenever a kernel computes exactly what
+        the cell does (on a CPU the step loop measured faster: see the
+        README); `fused=True` fuses or raises, saying why it cannot.
+        """
+        if self.fused is False:
+            return None
+        name, reason = fused_lib.kernel_for(self.cell)
+        if reason is None:
+            reason = fused_lib.fusion_problem(
+                self.cell, kernel=name, has_mask=mask is not None,
+                training=bool(training) if not tf.is_tensor(training) else True,
+            )
+        if reason is None and sequences.shape[1] is None:
+            reason = "the sequence length is unknown when tracing."
+        if reason is not None:
+            if self.fused is True:
+                raise ValueError(
+                    f"{self.name}: fused=True cannot run: {reason} Use "
+                    "fused='auto' to fall back to the per-step executor "
+                    "(identical results)."
+                )
+            return None
+        if self.fused == "auto" and name == "block_lstm":
+            return None
+        return fused_lib.KERNELS[name](self.cell)
+
+    def _fused_program(self, kernel, sequences, state_bytes, alpha):
+        """Plans fused segments for this length; returns what to record, run."""
+        length = int(sequences.shape[1])
+        batch = sequences.shape[0]
+        costs = self.segment_costs or fused_lib.calibrate(
+            kernel, batch or 32, int(sequences.shape[-1]),
+            dtype=self.compute_dtype,
+        )
+        hidden_bytes = None if batch is None else state_bytes * batch
+        if self._budget.depends_on_batch_size and hidden_bytes is None:
+            raise ValueError(
+                f"{self.name}: a byte budget needs a static batch size with "
+                "fused=True; use a fraction or slot budget, or fused=False."
+            )
+        memory = self._budget.to_slots(length, hidden_bytes, alpha)
+        try:
+            plan = planner_fused.make_fused_plan(length, memory, costs)
+        except ValueError as error:
+            raise ValueError(
+                f"{self.name}: the budget ({self.memory_budget!r}, {memory:.2f} "
+                f"hidden-state slots) is too small for fused segments: {error} "
+                "Raise the budget or pass fused=False."
+            ) from None
+        runs, extra_calls = fused_executor.bound_advances(
+            plan.runs, memory, kernel.advance_units_per_step
+        )
+        self.last_fused_plan = plan
+        self.last_fused_prediction = fused_executor.predicted_seconds(
+            plan, extra_calls
+        )
+        self.last_plan = plan.plan
+        split = fused_executor.split_sweep(plan, runs)
+        recomputed = int(split.backward_runs[
+            np.isin(split.backward_runs[:, 0],
+                    (planner_fused.ADVANCE, planner_fused.LEAF)), 2].sum())
+        expected = np.array(
+            [length, recomputed, length, plan.hidden_slots, 0], np.int64)
+        facts = np.array([plan.forward_steps, memory, plan.peak_memory], np.float64)
+        program = _FusedProgram(tf.constant(expected), tf.constant(facts))
+        run = functools.partial(
+            fused_executor.run_fused_recurrence, kernel, fused_plan=plan,
+            runs=runs,
+        )
+        return program, run
+
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if self._budget.is_unlimited or not record.could_possibly_record():
             return super().inner_loop(sequences, initial_state, mask, training)
@@ -267,41 +522,50 @@ class MemoryBudgetRNN(keras.layers.RNN):
         mask_bool = None
         if mask is not None:
             mask_bool = tf.cast(mask, tf.bool)
-            if mask_bool.shape.rank == 3:
+            if mask_bool.shape.rank == 3 and mask_bool.shape[-1] == 1:
                 mask_bool = mask_bool[..., 0]
+            # Any other [batch, t, ...] mask (a per-pixel mask of a
+            # convolutional cell) applies per position, as keras.backend.rnn.
 
         cell_states = flat_states
         if carry_output:
-            output_size = getattr(self.cell, "output_size", None) or (
-                self.state_size[0]
-            )
-            batch = tf.shape(flat_states[0])[0]
+            # Zeros shaped like the cell's real output (any rank), as
+            # keras.backend.rnn's zeros_like(first output).
             flat_states = flat_states + [
-                tf.zeros([batch, output_size], flat_states[0].dtype)
+                steps.zero_output(sequences[:, 0], flat_states)
             ]
         alpha = self._cell_alpha(steps, internal_steps, sequences[:, 0], cell_states)
         if mask is not None and internal_steps is not None:
             alpha += 1.0  # masked internal states also hold the new states
         state_bytes = cell_memory.per_sample_bytes(flat_states)
         batch_size = sequences.shape[0] or tf.shape(sequences)[0]
-        program = self._program_tensors(
-            sequences.shape[1] or tf.shape(sequences)[1],
-            batch_size,
-            state_bytes,
-            alpha,
-            internal_steps is not None,
-        )
-        outputs, final_states, forward_counts = executor.run_recurrence(
-            steps.step,
-            sequences,
-            flat_states,
-            program,
-            mask=mask_bool,
+        fused_kernel = self._fused_kernel(sequences, mask, training)
+        if fused_kernel is not None:
+            program, run = self._fused_program(
+                fused_kernel, sequences, state_bytes, alpha
+            )
+        else:
+            program = self._program_tensors(
+                sequences.shape[1] or tf.shape(sequences)[1],
+                batch_size,
+                state_bytes,
+                alpha,
+                internal_steps is not None,
+            )
+            run = functools.partial(
+                executor.run_recurrence,
+                steps.step,
+                program=program,
+                mask=mask_bool,
+                internal_steps=internal_steps,
+            )
+        outputs, final_states, forward_counts = run(
+            inputs=sequences,
+            initial_states=flat_states,
             go_backwards=self.go_backwards,
             return_sequences=self.return_sequences,
             input_gradient=record.should_record_backprop([sequences]),
-            internal_steps=internal_steps,
-            on_backward=self.execution_stats.record_backward,
+            on_backward=self._record_backward,
         )
         with tf.control_dependencies(
             [
@@ -336,6 +600,15 @@ class MemoryBudgetRNN(keras.layers.RNN):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"memory_budget": self.memory_budget, "scheme": self.scheme}
+            {
+                "memory_budget": self.memory_budget,
+                "scheme": self.scheme,
+                "report_metrics": self.report_metrics,
+                "fused": self.fused,
+                "segment_costs": (
+                    None if self.segment_costs is None
+                    else dataclasses.asdict(self.segment_costs)
+                ),
+            }
         )
         return config

@@ -25,13 +25,15 @@ python -m keras_bptt.measure --layer budget --length 1000 --memory-budget 5%
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
 
-LAYERS = ("rnn", "lstm", "budget")
+LAYERS = ("rnn", "lstm", "budget", "chunked")
+CELLS = ("lstm", "gru")
 
 
 def _parse_budget_argument(value):
@@ -47,19 +49,61 @@ def _parse_budget_argument(value):
         return value
 
 
-def _build_model(layer, length, batch, units, features, memory_budget, scheme):
+def _chunked_layer(units, cell, length):
+    """The hand-written alternative: Keras' layer over ~sqrt(t) chunks.
+
+    `keras.layers.LSTM`/`GRU` (cuDNN on a GPU) runs each chunk under
+    `tf.recompute_grad`, the state carried from chunk to chunk: it stores
+    the chunks' input states and recomputes each chunk once during the
+    backward pass (about two forwards and one backward).
+    """
+    import math
+
+    import keras
+    import tensorflow as tf
+
+    keras_class = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}[cell]
+
+    class ChunkedRecompute(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.rnn = keras_class(units, return_state=True)
+            self.chunk = max(1, round(math.sqrt(length)))
+
+        def call(self, x):
+            states = None
+            for start in range(0, length, self.chunk):
+                piece = x[:, start:start + self.chunk]
+
+                def run(piece, *states, first=states is None):
+                    result = self.rnn(piece, initial_state=None if first else list(states))
+                    return result[0], *result[1:]
+
+                outputs = tf.recompute_grad(run)(piece, *(states or []))
+                last, states = outputs[0], list(outputs[1:])
+            return last
+
+    return ChunkedRecompute()
+
+
+def _build_model(layer, length, batch, units, features, memory_budget, scheme,
+                 cell="lstm", fused="auto"):
     import keras
 
     from keras_bptt import MemoryBudgetRNN
 
+    make_cell = {"lstm": keras.layers.LSTMCell, "gru": keras.layers.GRUCell}[cell]
     if layer == "rnn":
-        rnn = keras.layers.RNN(keras.layers.LSTMCell(units))
+        rnn = keras.layers.RNN(make_cell(units))
     elif layer == "lstm":
-        rnn = keras.layers.LSTM(units)
+        rnn = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}[cell](units)
     elif layer == "budget":
         rnn = MemoryBudgetRNN(
-            keras.layers.LSTMCell(units), memory_budget=memory_budget, scheme=scheme
+            make_cell(units), memory_budget=memory_budget, scheme=scheme,
+            fused=fused,
         )
+    elif layer == "chunked":
+        rnn = _chunked_layer(units, cell, length)
     else:
         raise ValueError(f"Unknown layer {layer!r}; expected one of {LAYERS}.")
     inputs = keras.Input(batch_shape=(batch, length, features))
@@ -78,6 +122,8 @@ def measure_step(
     repeats=3,
     jit_compile=False,
     device=None,
+    cell="lstm",
+    fused="auto",
 ):
     """Measures one training step in this process (TensorFlow imported here).
 
@@ -94,7 +140,7 @@ def measure_step(
     if device is None:
         device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
     model, rnn = _build_model(
-        layer, length, batch, units, features, memory_budget, scheme
+        layer, length, batch, units, features, memory_budget, scheme, cell, fused
     )
     optimizer = keras.optimizers.SGD(1e-3)
     rng = tf.random.Generator.from_seed(0)
@@ -137,6 +183,8 @@ def measure_step(
         "features": features,
         "memory_budget": memory_budget,
         "scheme": scheme,
+        "cell": cell,
+        "fused": fused,
         "jit_compile": jit_compile,
         "device": device,
         "peak_bytes": int(peak),
@@ -153,6 +201,14 @@ def measure_step(
             plan_peak_slots=float(plan.peak_memory),
             counters=rnn.execution_stats.as_dict(),
         )
+        if rnn.last_fused_plan is not None:
+            fused_plan = rnn.last_fused_plan
+            result.update(
+                fused_predicted_seconds=rnn.last_fused_prediction,
+                fused_forward_calls=fused_plan.forward_calls,
+                fused_backward_calls=fused_plan.backward_calls,
+                segment_costs=dataclasses.asdict(fused_plan.costs),
+            )
     return result
 
 
@@ -186,6 +242,8 @@ def main(argv=None):
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--memory-budget", default=None)
     parser.add_argument("--scheme", default="auto")
+    parser.add_argument("--cell", choices=CELLS, default="lstm")
+    parser.add_argument("--fused", choices=("auto", "true", "false"), default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jit-compile", action="store_true")
     args = parser.parse_args(argv)
@@ -206,6 +264,8 @@ def main(argv=None):
             "features": args.features,
             "memory_budget": _parse_budget_argument(args.memory_budget),
             "scheme": args.scheme,
+            "cell": args.cell,
+            "fused": {"auto": "auto", "true": True, "false": False}[args.fused],
             "repeats": args.repeats,
             "jit_compile": args.jit_compile,
         }

@@ -59,7 +59,12 @@ def _fixed_dropout_masks(cells_and_masks):
 
 
 def _expand_like(mask_t, tensor):
-    return tf.reshape(mask_t, [-1] + [1] * (tensor.shape.rank - 1))
+    # As keras.backend.rnn: a [batch] mask (or a [batch, ...] one, e.g. a
+    # per-pixel mask of a convolutional cell) broadcasts over the trailing
+    # axes of `tensor`, whatever its rank.
+    for _ in range(tensor.shape.rank - mask_t.shape.rank):
+        mask_t = tf.expand_dims(mask_t, -1)
+    return mask_t
 
 
 def _select(mask_t, when_true, when_false):
@@ -115,6 +120,43 @@ class CellSteps:
         return self.apply_mask(
             mask_t, output, keras.tree.flatten(new_states), flat_states
         )
+
+    def zero_output(self, x_t, flat_states):
+        """Zeros like the step's output: `keras.backend.rnn`'s carried output
+        before the first unmasked step.
+
+        A flat cell's int `output_size` gives the shape, as in
+        `keras.layers.RNN`, and so does a shape `output_size` (a tuple or
+        `tf.TensorShape`). Otherwise (no `output_size`, as `ConvLSTMCell`,
+        or an int one beside multi-dimensional states, which may be a
+        channel count) a trace of the step gives it (no step runs).
+        """
+
+        def spec(t):
+            return tf.TensorSpec([None] + t.shape[1:].as_list(), t.dtype)
+
+        cell_states = flat_states[: self.num_cell_states]
+        batch = tf.shape(x_t)[0]
+        dtype = cell_states[0].dtype
+        size = getattr(self.cell, "output_size", None)
+        if isinstance(size, tf.TensorShape) and size.is_fully_defined():
+            size = tuple(size.as_list())
+        if isinstance(size, int) and size >= 0 and all(
+            s.shape.rank == 2 for s in cell_states
+        ):
+            return tf.zeros([batch, size], dtype)
+        if isinstance(size, (list, tuple)) and size and all(
+            isinstance(d, int) and d >= 0 for d in size
+        ):
+            return tf.zeros([batch, *size], dtype)
+        output = tf.function(
+            lambda x, s: self.step(x, None, s)[0], autograph=False
+        ).get_concrete_function(
+            spec(x_t), [spec(s) for s in cell_states]
+        ).structured_outputs
+        if not output.shape[1:].is_fully_defined():
+            return tf.zeros_like(self.step(x_t, None, cell_states)[0])
+        return tf.zeros([batch] + output.shape[1:].as_list(), output.dtype)
 
     def apply_mask(self, mask_t, output, new_cell_states, flat_states):
         """keras.backend.rnn's masking of one step's output and states."""

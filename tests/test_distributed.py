@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = r"""
 import json, sys
 import tensorflow as tf
@@ -24,6 +26,7 @@ def train(strategy):
         layer = MemoryBudgetRNN(keras.layers.GRUCell(8), memory_budget=4, name="rnn")
         model = keras.Sequential([keras.Input((40, 3)), layer, keras.layers.Dense(1)])
         model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    global monitor
     monitor = BudgetMonitor(sys.argv[1])
     history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
                         callbacks=[monitor])
@@ -35,14 +38,28 @@ difference = max(float(np.max(np.abs(a - b)))
                  for a, b in zip(single.get_weights(), mirrored.get_weights()))
 print(json.dumps({"stats": layer.execution_stats.as_dict(),
                   "cost": layer.last_plan.cost, "length": layer.last_plan.length,
-                  "loss": history.history["loss"],
+                  "loss": history.history["loss"], "history": history.history,
+                  "peaks": monitor.peak_bytes,
                   "single_loss": single_history.history["loss"],
                   "weight_difference": difference}))
 """
 
 
-def test_mirrored_strategy_trains_like_one_device_with_per_replica_counters(tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+def _environment(bfc):
+    """The caller's environment with the BFC flag explicitly set or removed."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPU_ALLOCATOR_USE_BFC", "TF_CONFIG")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if bfc:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+    return env
+
+
+@pytest.mark.parametrize("bfc", [True, False], ids=["bfc", "no_bfc"])
+def test_mirrored_strategy_trains_like_one_device_with_per_replica_counters(
+    tmp_path, bfc
+):
+    env = _environment(bfc)
     completed = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=600,
@@ -60,13 +77,21 @@ def test_mirrored_strategy_trains_like_one_device_with_per_replica_counters(tmp_
     assert stats["executions"] == 4  # 2 epochs x 2 batches, counted once
     assert result["weight_difference"] < 1e-5, result
     assert abs(result["loss"][-1] - result["single_loss"][-1]) < 1e-4 * result["single_loss"][-1]
+    # The layer's metrics, aggregated across replicas, equal one replica's.
+    history = result["history"]
+    assert history["rnn_recomputed_steps"] == [stats["measured/recomputed_steps"]] * 2
+    assert history["rnn_peak_stored_slots"] == [stats["measured/peak_stored_slots"]] * 2
+    assert ("peak_memory_mib" in history) == bfc
+    assert bool(result["peaks"]) == bfc
 
 
 def test_multi_worker_mirrored_strategy_with_two_local_workers():
+    # The example sets each worker's TF_CONFIG itself; it reads no other
+    # variable of the environment.
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "multi_worker.py")
     completed = subprocess.run(
         [sys.executable, example], capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        env=_environment(bfc=False),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "both workers trained to the same weights" in completed.stdout

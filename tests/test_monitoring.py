@@ -11,40 +11,58 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-LENGTH, BATCHES = 200, 3
+LENGTH, BATCHES, EPOCHS = 200, 3, 2
 
+# Keras' own logging callbacks come BEFORE BudgetMonitor: the layer's
+# counters and the peak memory must reach them all the same.
 TRAIN = """
-import json, sys
+import csv, json, sys
 import keras, numpy as np
 from keras_bptt import MemoryBudgetRNN
 from keras_bptt.callbacks import BudgetMonitor
 
 log_dir, budget = sys.argv[1], json.loads(sys.argv[2])
-length, batches = {length}, {batches}
+length, batches, epochs = {length}, {batches}, {epochs}
 layer = MemoryBudgetRNN(keras.layers.LSTMCell(64), memory_budget=budget, name="rnn")
 model = keras.Sequential([keras.Input((length, 4)), layer, keras.layers.Dense(1)])
 model.compile(optimizer="sgd", loss="mse")
 x = np.random.default_rng(0).normal(size=(16 * batches, length, 4)).astype("float32")
-monitor = BudgetMonitor(log_dir)
-history = model.fit(x, np.zeros((16 * batches, 1)), batch_size=16, verbose=0,
-                    callbacks=[monitor])
+monitor = BudgetMonitor(log_dir + "/monitor")
+callbacks = [
+    keras.callbacks.TensorBoard(log_dir + "/keras", update_freq="batch"),
+    keras.callbacks.CSVLogger(log_dir + "/log.csv"),
+    # Stops after the second epoch only if it can read the (constant) metric.
+    keras.callbacks.EarlyStopping(monitor="rnn_peak_stored_slots", mode="min", patience=1),
+    monitor,
+]
+history = model.fit(x, np.zeros((16 * batches, 1)), batch_size=16, verbose=2,
+                    epochs=epochs + 3, callbacks=callbacks)
+with open(log_dir + "/log.csv") as f:
+    csv_rows = list(csv.DictReader(f))
 print(json.dumps({{"cost": layer.last_plan.cost, "peak": layer.last_plan.peak_memory,
-                  "peaks": monitor.peak_bytes}}))
-""".format(length=LENGTH, batches=BATCHES)
+                  "peaks": monitor.peak_bytes, "problem": monitor.problem,
+                  "history": history.history, "csv": csv_rows}}))
+""".format(length=LENGTH, batches=BATCHES, epochs=EPOCHS)
 
 
-def _train(log_dir, budget):
-    env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="2")
+def _train(log_dir, budget, bfc=True):
+    """Trains in a subprocess whose environment has or lacks the BFC flag."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if bfc:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     completed = subprocess.run(
         [sys.executable, "-c", TRAIN, str(log_dir), json.dumps(budget)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result["stdout"], result["stderr"] = completed.stdout, completed.stderr
+    return result
 
 
-def _events(log_dir):
-    (path,) = pathlib.Path(log_dir).glob("events.out.tfevents.*")
+def _events(log_dir, subdir="monitor"):
+    (path,) = pathlib.Path(log_dir, subdir).glob("events.out.tfevents.*")
     accumulator = event_accumulator.EventAccumulator(
         str(path), size_guidance={event_accumulator.TENSORS: 0}
     )
@@ -65,6 +83,8 @@ def runs(tmp_path_factory):
     for budget in (2, 20, 200):
         log_dir = tmp_path_factory.mktemp(f"budget{budget}")
         results[budget] = (log_dir, _train(log_dir, budget))
+    log_dir = tmp_path_factory.mktemp("no_bfc")
+    results["no_bfc"] = (log_dir, _train(log_dir, 20, bfc=False))
     return results
 
 
@@ -74,10 +94,11 @@ def test_counters_equal_the_plan_for_every_batch(runs):
     forward = _series(events, "rnn/measured/forward_steps")
     recomputed = _series(events, "rnn/measured/recomputed_steps")
     backward = _series(events, "rnn/measured/backward_steps")
-    assert len(forward) == len(recomputed) == len(backward) == BATCHES
+    batches = BATCHES * EPOCHS
+    assert len(forward) == len(recomputed) == len(backward) == batches
     # Totals over the batches: the plan's cost (+1, see keras_bptt.program).
-    assert int(np.sum(forward) + np.sum(recomputed)) == BATCHES * (result["cost"] + 1)
-    assert int(np.sum(backward)) == BATCHES * LENGTH
+    assert int(np.sum(forward) + np.sum(recomputed)) == batches * (result["cost"] + 1)
+    assert int(np.sum(backward)) == batches * LENGTH
     assert _series(events, "rnn/measured/peak_stored_slots") == _series(
         events, "rnn/planned/peak_stored_slots"
     )
@@ -89,7 +110,7 @@ def test_device_peak_memory_is_positive_and_ordered_as_budgets(runs):
     for budget in (2, 20, 200):
         log_dir, _ = runs[budget]
         peaks = _series(_events(log_dir), "memory/device_peak_bytes")
-        assert len(peaks) == BATCHES and min(peaks) > 0
+        assert len(peaks) == BATCHES * EPOCHS and min(peaks) > 0
         medians.append(float(np.median(peaks[1:])))
     # Budgets 2 and 20 store 16 KB and 160 KB: less apart than the step's
     # transient memory varies between runs (iterations of the loops run
@@ -116,3 +137,63 @@ def test_plan_text_and_schedule_image_are_written_once(runs):
     assert len(images) == 1
     width, height = (int(v) for v in images[0][:2])
     assert width > 100 and height > 100
+
+
+def _tags(accumulator):
+    return set(accumulator.Tags()["tensors"])
+
+
+@pytest.mark.parametrize("run", [20, "no_bfc"])
+def test_counters_reach_history_csv_progress_bar_and_early_stopping(runs, run):
+    log_dir, result = runs[run]
+    history = result["history"]
+    # EarlyStopping (listed before BudgetMonitor) read the constant metric
+    # and stopped 5 requested epochs after the second.
+    assert len(history["loss"]) == EPOCHS
+    measured = _series(_events(log_dir), "rnn/measured/recomputed_steps")
+    assert history["rnn_recomputed_steps"] == [float(measured[-1])] * EPOCHS
+    assert float(measured[-1]) > 0
+    assert history["rnn_peak_stored_slots"] == [result["peak"]] * EPOCHS
+    csv_rows = result["csv"]
+    assert [float(r["rnn_recomputed_steps"]) for r in csv_rows] == history[
+        "rnn_recomputed_steps"
+    ]
+    epoch_lines = [line for line in result["stdout"].splitlines() if "loss:" in line]
+    assert len(epoch_lines) == EPOCHS
+    assert all("rnn_recomputed_steps:" in line for line in epoch_lines)
+    keras_events = _events(log_dir, "keras/train")
+    assert {"batch_rnn_recomputed_steps", "epoch_rnn_recomputed_steps",
+            "epoch_rnn_peak_stored_slots"} <= _tags(keras_events)
+    if run == "no_bfc":
+        assert "peak_memory_mib" not in history
+        return
+    # The epoch's largest batch peak, in every log, whatever the order.
+    peaks = np.array(result["peaks"]).reshape(EPOCHS, BATCHES)
+    np.testing.assert_allclose(history["peak_memory_mib"], peaks.max(1) / 2**20)
+    assert [float(r["peak_memory_mib"]) for r in csv_rows] == history["peak_memory_mib"]
+    assert all("peak_memory_mib:" in line for line in epoch_lines)
+    assert {"batch_peak_memory_mib", "epoch_peak_memory_mib"} <= _tags(keras_events)
+    batch_peaks = _series(keras_events, "batch_peak_memory_mib")
+    assert len(batch_peaks) == BATCHES * EPOCHS
+    # Within an epoch the batch value is the running maximum.
+    np.testing.assert_allclose(
+        np.array(batch_peaks, float).reshape(EPOCHS, BATCHES),
+        np.maximum.accumulate(peaks, axis=1) / 2**20, rtol=1e-6,
+    )
+
+
+def test_without_allocator_statistics_training_goes_on_and_says_why(runs):
+    log_dir, result = runs["no_bfc"]
+    assert result["peaks"] == []
+    assert "TF_CPU_ALLOCATOR_USE_BFC=true" in result["problem"]
+    assert "peak memory is not measured" in result["stderr"]
+    assert result["stderr"].count("peak memory is not measured") == 1
+    events = _events(log_dir)
+    tags = _tags(events)
+    assert "memory/device_peak_bytes" not in tags
+    (text,) = _series(events, "memory/unavailable")
+    assert "TF_CPU_ALLOCATOR_USE_BFC=true" in text.item().decode()
+    # Every other summary is still written, for every batch.
+    assert len(_series(events, "rnn/measured/backward_steps")) == BATCHES * EPOCHS
+    assert len(_series(events, "memory/predicted_stored_bytes")) == BATCHES * EPOCHS
+    assert len(_series(events, "rnn/plan")) == 1

@@ -1,0 +1,358 @@
+"""`with_memory_budget`: an existing Keras model, converted in one call.
+
+```python
+model = keras_bptt.with_memory_budget(model, "5%")
+```
+
+returns a model of the same architecture in which every
+`keras.layers.LSTM`, `GRU`, `SimpleRNN` and `RNN` -- also inside
+`Bidirectional` wrappers and nested Sequential/Functional models -- is
+replaced by its budgeted equivalent (`keras_bptt.LSTM`, `GRU`,
+`SimpleRNN`, `MemoryBudgetRNN`), with the same names, configuration and
+weights, so the same outputs. Layers that are already budgeted get the new
+budget. The model's budget is one budget for all its recurrent layers,
+split across them for the smallest predicted time
+(`keras_bptt.budget_split`).
+
+Known limitations:
+
+* Only Sequential and Functional models can be converted (Keras'
+  `clone_model`); a subclassed model raises a `ValueError` that says what
+  to do instead.
+* Subclasses of `keras.layers.RNN` other than Keras' `LSTM`, `GRU` and
+  `SimpleRNN` (`ConvLSTM2D`, your own) are copied unchanged, with a warning:
+  their own `call`/`inner_loop` cannot be carried over. Wrap their cell in
+  `MemoryBudgetRNN` yourself.
+* A layer shared by several calls is converted once and gets one share;
+  each of its calls stores up to that share.
+* The optimizer's state is not copied (the clone is compiled like the
+  original when it was compiled, as `keras.models.clone_model` does).
+"""
+
+import warnings
+
+import keras
+
+from keras_bptt import budget as budget_lib
+from keras_bptt import budget_split
+from keras_bptt import keras_layers
+from keras_bptt import model_budget
+from keras_bptt.layer import LAYER_SCHEMES
+from keras_bptt.layer import MemoryBudgetRNN
+
+_KERAS_TO_BUDGETED = {
+    keras.layers.LSTM: keras_layers.LSTM,
+    keras.layers.GRU: keras_layers.GRU,
+    keras.layers.SimpleRNN: keras_layers.SimpleRNN,
+    keras.layers.RNN: MemoryBudgetRNN,
+}
+
+
+def _budgeted_class(layer):
+    """The budgeted class replacing `layer`, or None if it stays as it is."""
+    if isinstance(layer, MemoryBudgetRNN):
+        return type(layer)
+    return _KERAS_TO_BUDGETED.get(type(layer))
+
+
+def _is_convertible(layer):
+    return _budgeted_class(layer) is not None
+
+
+def _cell_custom_objects(cell):
+    """Classes of `cell` and of a stack's cells, for deserialization."""
+    objects = {type(cell).__name__: type(cell)}
+    for inner in getattr(cell, "cells", ()):
+        objects.update(_cell_custom_objects(inner))
+    return objects
+
+
+def convert_layer(layer, memory_budget=None, scheme="auto"):
+    """The budgeted equivalent of one recurrent layer (not built).
+
+    Args:
+        layer: A `keras.layers.LSTM`, `GRU`, `SimpleRNN` or `RNN`, or a
+            `MemoryBudgetRNN` (re-budgeted).
+        memory_budget: The new layer's budget (any form of
+            `MemoryBudgetRNN`).
+        scheme: Its scheme.
+
+    Returns:
+        A new layer with `layer`'s configuration and name (weights are not
+        copied: build it, then `set_weights(layer.get_weights())`).
+    """
+    cls = _budgeted_class(layer)
+    if cls is None:
+        raise ValueError(
+            f"Cannot convert {type(layer).__name__} {layer.name!r}: only "
+            "keras.layers.LSTM, GRU, SimpleRNN, RNN and MemoryBudgetRNN "
+            "layers can be."
+        )
+    config = layer.get_config()
+    config.update(memory_budget=memory_budget, scheme=scheme)
+    if cls in (keras_layers.LSTM, keras_layers.GRU) and hasattr(layer, "use_cudnn"):
+        # keras.layers.LSTM/GRU do not serialize use_cudnn.
+        config["use_cudnn"] = layer.use_cudnn
+    if "cell" in config:
+        return cls.from_config(config, custom_objects=_cell_custom_objects(layer.cell))
+    return cls.from_config(config)
+
+
+def _check_cloneable(model, where="model"):
+    from keras.src.models.functional import Functional
+
+    if isinstance(model, (keras.Sequential, Functional)):
+        return
+    raise ValueError(
+        f"with_memory_budget cannot convert the {where} {model.name!r}: it is "
+        f"a subclassed model ({type(model).__name__}), whose layers and calls "
+        "Keras cannot clone. Use the budgeted layers in its code instead: "
+        "keras_bptt.LSTM / GRU / SimpleRNN take the arguments of "
+        "keras.layers.LSTM / GRU / SimpleRNN plus memory_budget= (their weights "
+        "load from the Keras layers'), and keras_bptt.MemoryBudgetRNN(cell, "
+        "memory_budget=...) replaces keras.layers.RNN(cell); or build the "
+        "model as a Sequential or Functional model."
+    )
+
+
+def _budget_value(budget):
+    """A `Budget` as a value a layer config can save (JSON)."""
+    if budget.is_unlimited:
+        return None
+    if budget.kind == "slots":
+        return int(budget.value) if budget.value == int(budget.value) else budget.value
+    if budget.kind == "fraction":
+        return budget.value if budget.value < 1 else "100%"
+    return f"{budget.value!r}B"
+
+
+def _slots_value(slots):
+    """Slots as a budget value that parses back to exactly `slots` slots."""
+    # A float <= 1 would read as a fraction; slots >= 1 here.
+    return int(slots) if slots == int(slots) else float(slots)
+
+
+def plan_split(model, memory_budget, scheme="auto", *, batch_size=None,
+               backward_ratio=budget_split.DEFAULT_BACKWARD_RATIO,
+               max_candidates=budget_split.DEFAULT_MAX_CANDIDATES):
+    """Each recurrent layer's budget under one model budget.
+
+    Args:
+        model: A built Keras model.
+        memory_budget: The model's budget (see `with_memory_budget`).
+        scheme, batch_size, backward_ratio, max_candidates: See
+            `with_memory_budget`.
+
+    Returns:
+        `(budgets, split)`: a dict from `id(layer)` to the layer's
+        `memory_budget` value, for every convertible recurrent layer (one per
+        direction of a `Bidirectional`), and the `budget_split.Split` (None
+        when no split was needed: unlimited, slots, or a single layer).
+
+    Raises:
+        ValueError: for a budget too small for the model (naming the smallest
+            that works), a sequence length that is not static, or a byte
+            budget without a known batch size.
+    """
+    try:
+        budget = budget_lib.parse_budget(memory_budget)
+    except ValueError as error:
+        raise ValueError(
+            f"Invalid memory_budget={memory_budget!r} for with_memory_budget: "
+            f"{error}"
+        ) from None
+    entries = model_budget.recurrent_layers(model, predicate=_is_convertible)
+    layers = [entry.layer for entry in entries]
+    if budget.is_unlimited or budget.kind == "slots" or len(layers) <= 1:
+        # Slots are per layer: their size differs between layers.
+        value = memory_budget
+        if not (value is None or isinstance(value, (str, int, float))):
+            value = _budget_value(budget)  # a Budget: saved as JSON
+        return {id(layer): value for layer in layers}, None
+    profiles = []
+    batch = 1
+    for entry in entries:
+        layer = entry.layer
+        if budget.kind == "bytes":
+            shape = model_budget.sequences_shape(layer)
+            batch = batch_size or (shape[0] if shape else None)
+            if not batch:
+                raise ValueError(
+                    f"A model budget in bytes ({budget}) is split using the "
+                    "bytes of each layer's states, which depend on the batch "
+                    f"size; layer {layer.name!r} has none static. Pass "
+                    "batch_size= (per replica), or give the budget as a "
+                    "fraction of standard BPTT (e.g. '5%')."
+                )
+        profiles.append(
+            model_budget.layer_profile(
+                layer, entry.masked, scheme=scheme, batch_size=batch
+            )
+        )
+    if budget.kind == "fraction":
+        standard = sum(p.standard_bytes for p in profiles)
+        total = budget.value * standard
+        if budget_split.min_total_bytes(profiles) > total * (1 + 1e-12):
+            needed = budget_split.min_total_bytes(profiles)
+            raise ValueError(
+                f"A model memory budget of {budget} of standard BPTT is too "
+                f"small for its {len(profiles)} recurrent layers (standard "
+                "BPTT keeps "
+                + ", ".join(f"{p.name}: {p.standard_slots:g} slots" for p in profiles)
+                + "): every layer needs at least one slot (or its scheme's "
+                "minimum). The smallest budget that works is "
+                f"{budget_split._round_up_percent(needed, standard)}%."
+            )
+        total = max(total, budget_split.min_total_bytes(profiles))
+    else:
+        total = budget.value
+        if budget_split.min_total_bytes(profiles) > total:
+            raise budget_split.budget_too_small_error(
+                profiles, total, what=f"{budget} (batch size {batch})"
+            )
+    split = budget_split.split_budget(
+        profiles, total, backward_ratio=backward_ratio,
+        max_candidates=max_candidates,
+    )
+    budgets = {}
+    for layer, share in zip(layers, split.shares):
+        if budget.kind == "bytes":
+            budgets[id(layer)] = f"{share.bytes}B"
+        else:
+            budgets[id(layer)] = _slots_value(share.slots)
+    return budgets, split
+
+
+def with_memory_budget(
+    model,
+    memory_budget,
+    scheme="auto",
+    *,
+    batch_size=None,
+    backward_ratio=budget_split.DEFAULT_BACKWARD_RATIO,
+    max_candidates=budget_split.DEFAULT_MAX_CANDIDATES,
+):
+    """A copy of `model` whose recurrent layers share one memory budget.
+
+    Every `keras.layers.LSTM`, `GRU`, `SimpleRNN` and `RNN` of the model --
+    inside `Bidirectional` wrappers and nested Sequential/Functional models
+    too -- becomes `keras_bptt.LSTM`, `GRU`, `SimpleRNN` or
+    `MemoryBudgetRNN` with the same configuration, name and weights (so the
+    same outputs and gradients); `MemoryBudgetRNN` layers get the new budget;
+    every other layer is copied with its weights. The original model is not
+    changed.
+
+    Args:
+        model: A built Sequential or Functional model.
+        memory_budget: One budget for all the recurrent layers together:
+            - bytes (`"256MB"`, `"1.5GiB"`, `keras_bptt.budget.Bytes(n)`),
+              per replica, for the batch size `batch_size`;
+            - a fraction of what standard BPTT keeps for all the recurrent
+              layers together (`0.05`, `"5%"`);
+            - `None`: unlimited (standard BPTT in every layer);
+            - an int (slots): each layer gets that many slots (slots differ
+              in size between layers, so they are not pooled).
+            Bytes and fractions are split across the layers (each direction
+            of a `Bidirectional` is one) for the smallest predicted time
+            (`keras_bptt.budget_split`); each layer keeps its share (bytes,
+            or the slots of its fraction share) in its config. With a
+            single recurrent layer the budget is passed on as it is.
+        scheme: Every converted layer's scheme (`"auto"` by default).
+        batch_size: Per-replica batch size for splitting a byte budget
+            (default: the model's static batch size).
+        backward_ratio: b of the time model (reports only).
+        max_candidates: Budgets tried per layer in the split when its cost
+            curve has too many steps to try them all.
+
+    Returns:
+        A new Keras model (compiled as the original when it was compiled).
+
+    Raises:
+        ValueError: for a subclassed model (the message says what to do
+            instead), a budget too small for the model (naming the smallest
+            that works), or a split that needs a static sequence length or
+            batch size that the model lacks.
+
+    Example:
+
+    ```python
+    model = keras_bptt.with_memory_budget(model, "5%")
+    keras_bptt.summary(model)
+    ```
+    """
+    _check_cloneable(model)
+    if scheme not in LAYER_SCHEMES:
+        raise ValueError(
+            f"Unknown scheme {scheme!r} for with_memory_budget. Expected one "
+            f"of {LAYER_SCHEMES}."
+        )
+    budgets, _ = plan_split(
+        model, memory_budget, scheme, batch_size=batch_size,
+        backward_ratio=backward_ratio, max_candidates=max_candidates,
+    )
+    pairs = []
+
+    def convert(layer):
+        return convert_layer(layer, budgets.get(id(layer)), scheme)
+
+    def clone_function(layer):
+        if isinstance(layer, keras.layers.Bidirectional) and _is_convertible(
+            layer.forward_layer
+        ):
+            config = layer.get_config()
+            config["layer"] = convert(layer.forward_layer)
+            config["backward_layer"] = convert(layer.backward_layer)
+            new = type(layer)(**config)
+        elif _is_convertible(layer):
+            new = convert(layer)
+        elif isinstance(layer, keras.Model):
+            # Not Sequential/Functional (those are cloned recursively).
+            if model_budget.recurrent_layers(layer, predicate=_is_convertible):
+                _check_cloneable(layer, where="nested model")
+            new = layer.__class__.from_config(layer.get_config())
+        else:
+            if isinstance(layer, keras.layers.RNN) or (
+                isinstance(layer, keras.layers.Bidirectional)
+            ):
+                warnings.warn(
+                    f"with_memory_budget: {type(layer).__name__} "
+                    f"{layer.name!r} is copied unchanged (only "
+                    "keras.layers.LSTM, GRU, SimpleRNN and RNN are converted); "
+                    "wrap its cell in keras_bptt.MemoryBudgetRNN to budget it.",
+                    stacklevel=4,
+                )
+            new = layer.__class__.from_config(layer.get_config())
+        pairs.append((layer, new))
+        return new
+
+    converted = keras.models.clone_model(
+        model, clone_function=clone_function, recursive=True
+    )
+    for old, new in pairs:
+        _copy_weights(old, new)
+    return converted
+
+
+def _copy_weights(old, new):
+    if not getattr(old, "weights", None):
+        return  # an operation (keras.ops in a Functional model), or no weights
+    if not new.built:
+        raise ValueError(
+            f"with_memory_budget: the copy of layer {old.name!r} was not built "
+            "by cloning the model; build the model first (a keras.Input, or "
+            "one call on data)."
+        )
+    new.set_weights(old.get_weights())
+    for source, target in ((old, new),) + tuple(_directions(old, new)):
+        states = getattr(source, "states", None)
+        if getattr(source, "stateful", False) and states is not None:
+            target_states = getattr(target, "states", None)
+            if target_states is not None:
+                for a, b in zip(keras.tree.flatten(states), keras.tree.flatten(target_states)):
+                    b.assign(a)
+
+
+def _directions(old, new):
+    if isinstance(old, keras.layers.Bidirectional):
+        yield old.forward_layer, new.forward_layer
+        yield old.backward_layer, new.backward_layer

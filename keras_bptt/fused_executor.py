@@ -1,0 +1,449 @@
+"""Executor of fused plans: a recurrence run as calls over segments of steps.
+
+Interprets a `keras_bptt._planner_fused.FusedPlan` (leaves only,
+`"fused_hsm"`) with a segment kernel of `keras_bptt.fused`. One
+`tf.custom_gradient` function wraps the recurrence, as in
+`keras_bptt.executor`:
+
+* Its forward pass runs the plan's first sweep -- the runs before its first
+  `LEAF`: `ADVANCE` calls that store their end states in hidden-state slots
+  -- then one more forward call over the first leaf's steps, which produces
+  their outputs. Each call is one fused kernel call over its segment; the
+  outputs of all calls are the layer's outputs. It keeps the first leaf's
+  input state (the *register*) for the gradient function.
+* Its gradient function is one `tf.while_loop` over the remaining runs, one
+  run per iteration: `RESTORE` copies a slot into the register, `ADVANCE`
+  runs the kernel's forward call over the segment (keeping nothing),
+  `STORE` writes the register to a slot, `FREE` clears a slot, and `LEAF`
+  runs the kernel's training forward and backward over the segment: it
+  receives the gradient of the segment's end state and of its outputs and
+  returns those of its input state, inputs and weights.
+
+Inputs are made time-major once (`[t, batch, features]`), so a segment is a
+contiguous slice; `go_backwards` reverses them once.
+
+Cost: the plan's runs, plus one forward call over the first leaf (its
+outputs are produced in the forward pass, its reserve in the gradient
+function: a custom gradient cannot carry the reserve across).
+
+Limitations (the layer falls back to `keras_bptt.executor`, with identical
+results, in each case):
+
+* the sequence length must be known when tracing (the plan is a constant);
+* no masks, no dropout (see `keras_bptt.fused.fusion_problem`);
+* plans with kept segments (`"fused_msm"`) and chained advances are not
+  executed: `run_fused_recurrence` rejects them.
+"""
+
+import dataclasses
+import typing
+
+import numpy as np
+import tensorflow as tf
+
+from keras_bptt import _planner_fused as planner_fused
+from keras_bptt import executor as executor_lib
+
+_COUNTER = tf.int64
+# The run opcodes this executor interprets, and each one's branch index.
+_BRANCH_OPCODES = (
+    planner_fused.ADVANCE, planner_fused.LEAF, planner_fused.STORE,
+    planner_fused.RESTORE, planner_fused.FREE,
+)
+_EXECUTABLE = set(_BRANCH_OPCODES)
+_BRANCH_OF_OPCODE = np.zeros(max(planner_fused.RUN_NAMES) + 1, np.int32)
+_BRANCH_OF_OPCODE[list(_BRANCH_OPCODES)] = np.arange(len(_BRANCH_OPCODES))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSplit:
+    """The plan's runs split into the forward pass and the gradient function.
+
+    Attributes:
+        forward_runs: `(n, 4)` runs of the first sweep (ADVANCE and STORE).
+        first_leaf: `(start, steps)` of the first `LEAF`.
+        backward_runs: `(n, 4)` runs from the first leaf on.
+        hidden_slots: Slots the plan stores into.
+    """
+
+    forward_runs: np.ndarray
+    first_leaf: tuple
+    backward_runs: np.ndarray
+    hidden_slots: int
+
+
+def bound_advances(runs, memory, advance_units_per_step):
+    """Splits `ADVANCE` runs so that no call's transients exceed the budget.
+
+    A fused forward call materialises per-step tensors while it runs even
+    when it keeps nothing (cuDNN's inference mode its outputs, 0.5 hidden-
+    state units per LSTM step; `BlockLSTMV2` its seven gate tensors, 3.5
+    units). The planner does not model these transients, so an advance of y
+    steps is run as calls of at most `(memory - stored) / units` steps, the
+    slots stored at that point counted from the runs.
+
+    Returns:
+        `(runs, extra_calls)`: the new `(n, 4)` rows and how many calls the
+        splitting added.
+    """
+    rows, stored, extra = [], 0, 0
+    for opcode, start, steps, slot in np.asarray(runs).tolist():
+        if opcode == planner_fused.STORE:
+            stored += 1
+        elif opcode == planner_fused.FREE:
+            stored -= 1
+        if opcode != planner_fused.ADVANCE or advance_units_per_step <= 0:
+            rows.append((opcode, start, steps, slot))
+            continue
+        limit = max(1, int((memory - stored) // advance_units_per_step))
+        for first in range(start, start + steps, limit):
+            rows.append((opcode, first, min(limit, start + steps - first), slot))
+        extra += -(-steps // limit) - 1
+    return np.asarray(rows, np.int32).reshape(-1, 4), extra
+
+
+def predicted_seconds(fused_plan, extra_calls):
+    """The plan's predicted time as executed (module docstring: the first
+    leaf's forward runs once more, split advances add calls)."""
+    costs = fused_plan.costs
+    split = split_sweep(fused_plan)
+    return (fused_plan.time
+            + (extra_calls + 1) * costs.call_forward
+            + split.first_leaf[1] * costs.step_forward)
+
+
+def split_sweep(fused_plan, runs=None):
+    """Splits a `FusedPlan`'s runs (or `runs`) at the first `LEAF`."""
+    runs = np.asarray(fused_plan.runs if runs is None else runs, np.int32)
+    unsupported = set(runs[:, 0].tolist()) - _EXECUTABLE
+    if unsupported:
+        names = sorted(planner_fused.RUN_NAMES[o] for o in unsupported)
+        raise ValueError(
+            f"The fused executor runs leaves-only plans; this plan has {names} "
+            "runs. Plan with internal=False and chained_advances=False."
+        )
+    first = int(np.flatnonzero(runs[:, 0] == planner_fused.LEAF)[0])
+    forward = runs[:first]
+    if not set(forward[:, 0].tolist()) <= {planner_fused.ADVANCE, planner_fused.STORE}:
+        raise AssertionError("a first sweep holds only advances and stores")
+    start, steps = int(runs[first, 1]), int(runs[first, 2])
+    return SweepSplit(forward, (start, steps), runs[first:],
+                      max(int(fused_plan.hidden_slots), 1))
+
+
+class FusedCounts(typing.NamedTuple):
+    """What the gradient function did, counted by the loop itself."""
+
+    forward_calls: tf.Tensor
+    forward_steps: tf.Tensor
+    backward_calls: tf.Tensor
+    backward_steps: tf.Tensor
+    live_slots: tf.Tensor
+    peak_slots: tf.Tensor
+
+
+class _GradientCarry(typing.NamedTuple):
+    """The gradient loop's state."""
+
+    index: tf.Tensor
+    register: list
+    d_register: list
+    slots: list
+    d_inputs: tf.TensorArray
+    d_weights: list
+    counts: FusedCounts
+
+
+def _write_slot(slots, slot, states):
+    return [buffer.write(slot, state) for buffer, state in zip(slots, states)]
+
+
+def _read_slot(slots, slot, like):
+    return [tf.ensure_shape(b.read(slot), s.shape) for b, s in zip(slots, like)]
+
+
+def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
+                         runs=None, go_backwards=False, return_sequences=False,
+                         input_gradient=True, on_backward=None):
+    """Runs a recurrence of fused segment calls that follows `fused_plan`.
+
+    Args:
+        kernel: A segment kernel (`keras_bptt.fused.BlockLSTMKernel`, ...).
+        inputs: `[batch, t, features]`, t static and equal to the plan's.
+        initial_states: The cell's states, a flat list of `[batch, units]`.
+        fused_plan: A leaves-only `FusedPlan` for t.
+        runs: The runs to execute, if not the plan's own (`bound_advances`).
+        go_backwards, return_sequences: As `keras.layers.RNN`.
+        input_gradient: Whether the gradient of `inputs` is needed.
+        on_backward: Optional callback given the gradient function's
+            `executor.ExecutionCounts` and, as `fused=`, its
+            `FusedCallCounts`; it may return an op to run.
+
+    Returns:
+        `(outputs, final_states, forward_counts)`, the last an
+        `executor.ExecutionCounts` of the forward pass.
+    """
+    split = split_sweep(fused_plan, runs)
+    length = inputs.shape[1]
+    if length != fused_plan.length:
+        raise ValueError(
+            f"The plan is for {fused_plan.length} steps; the input has {length}."
+        )
+    num_states = len(initial_states)
+    variables = kernel.variables
+
+    @tf.custom_gradient
+    def recurrence(x, *states0):
+        x_tm = tf.transpose(x, [1, 0, 2])
+        if go_backwards:
+            x_tm = tf.reverse(x_tm, [0])
+        states0 = list(states0)
+        slots = [tf.TensorArray(s.dtype, size=split.hidden_slots + 1,
+                                element_shape=s.shape, clear_after_read=False)
+                 for s in states0]
+        register, slots, outputs, sweep = _forward_sweep(
+            kernel, x_tm, states0, slots, split, return_sequences)
+        start, steps = split.first_leaf
+        last_outputs, final_states = kernel.forward(
+            x_tm[start:start + steps], register)
+        outputs.append(last_outputs)
+        if return_sequences:
+            result = tf.transpose(tf.concat(outputs, 0), [1, 0, 2])
+        else:
+            result = last_outputs[-1]
+        forward_counts = sweep.forward_steps + steps
+
+        def grad_fn(d_result, *d_final, variables=None):
+            d_final = [tf.zeros_like(s) if d is None else d
+                       for d, s in zip(d_final, final_states)]
+            d_outputs = _time_major_output_gradients(
+                d_result, result, return_sequences, length)
+            carry = _gradient_loop(kernel, x_tm, d_outputs, register, d_final,
+                                   slots, split, input_gradient, sweep)
+            side_effects = []
+            if on_backward is not None:
+                op = on_backward(
+                    _execution_counts(carry.counts, length, states0),
+                    fused=FusedCallCounts(
+                        forward_calls=carry.counts.forward_calls
+                        + sweep.forward_calls,
+                        backward_calls=carry.counts.backward_calls,
+                        steps=carry.counts.forward_steps + sweep.forward_steps
+                        + carry.counts.backward_steps,
+                    ))
+                if op is not None:
+                    side_effects.append(op)
+            with tf.control_dependencies(side_effects):
+                d_weights = _match_variables(variables, variables_of_kernel,
+                                             carry.d_weights)
+                dx = None
+                if input_gradient:
+                    dx = carry.d_inputs.stack()
+                    if go_backwards:
+                        dx = tf.reverse(dx, [0])
+                    dx = tf.identity(tf.transpose(dx, [1, 0, 2]))
+            return [dx] + list(carry.d_register), d_weights
+
+        return ((result, *final_states, forward_counts, sweep.peak_slots),
+                grad_fn)
+
+    variables_of_kernel = variables
+    results = recurrence(inputs, *initial_states)
+    result = results[0]
+    final_states = list(results[1:1 + num_states])
+    forward_steps, peak = results[1 + num_states:]
+    zero = tf.zeros([], _COUNTER)
+    counts = executor_lib.ExecutionCounts(
+        forward_steps, zero, zero, peak, zero,
+        peak * _state_bytes(initial_states))
+    return result, final_states, counts
+
+
+def _state_bytes(states):
+    return executor_lib._nbytes(states)
+
+
+class _SweepCounts(typing.NamedTuple):
+    forward_steps: tf.Tensor
+    forward_calls: tf.Tensor
+    live_slots: tf.Tensor
+    peak_slots: tf.Tensor
+
+
+def _forward_sweep(kernel, x_tm, states, slots, split, return_sequences):
+    """The first sweep's runs, in Python: their number is small and static.
+
+    Returns the register after the sweep, the slots, the list of output
+    segments and the sweep's counts.
+    """
+    outputs = []
+    steps = calls = 0
+    live = peak = 0
+    register = states
+    for opcode, start, count, slot in split.forward_runs.tolist():
+        if opcode == planner_fused.STORE:
+            slots = _write_slot(slots, slot, register)
+            live += 1
+            peak = max(peak, live)
+            continue
+        segment = x_tm[start:start + count]
+        if return_sequences:
+            segment_outputs, register = kernel.forward(segment, register)
+            outputs.append(segment_outputs)
+        else:
+            register = kernel.advance(segment, register)
+        steps += count
+        calls += 1
+    constant = lambda v: tf.constant(v, _COUNTER)  # noqa: E731
+    return register, slots, outputs, _SweepCounts(
+        constant(steps), constant(calls + 1), constant(live), constant(peak))
+
+
+def _time_major_output_gradients(d_result, result, return_sequences, length):
+    """`[t, batch, units]` output gradients, or a last-step-only marker."""
+    if d_result is None:
+        d_result = tf.zeros_like(result)
+    if return_sequences:
+        return tf.transpose(d_result, [1, 0, 2])
+    return d_result
+
+
+def _segment_output_gradients(d_outputs, start, steps, length, return_sequences):
+    """The output gradients of steps start+1..start+steps, time-major."""
+    if return_sequences:
+        return d_outputs[start:start + steps]
+    # Only the last output reaches the result: zeros but for step t.
+    is_last = tf.reshape(
+        tf.one_hot(length - 1 - start, steps, dtype=d_outputs.dtype), [-1, 1, 1])
+    return is_last * d_outputs[None]
+
+
+def _gradient_loop(kernel, x_tm, d_outputs, register, d_final, slots, split,
+                   input_gradient, sweep):
+    """The while loop over `split.backward_runs` (module docstring)."""
+    runs = tf.constant(split.backward_runs)
+    branch_of_opcode = tf.constant(_BRANCH_OF_OPCODE)
+    length = int(x_tm.shape[0])
+    return_sequences = d_outputs.shape.rank == 3
+    zeros_state = [tf.zeros_like(s) for s in register]
+    d_inputs = tf.TensorArray(
+        x_tm.dtype, size=length if input_gradient else 0,
+        element_shape=x_tm.shape[1:])
+    weights = kernel.variables
+    d_weights = [tf.zeros(w.shape, x_tm.dtype) for w in weights]
+    zero = tf.zeros([], _COUNTER)
+    counts = FusedCounts(zero, zero, zero, zero, sweep.live_slots,
+                         sweep.peak_slots)
+
+    def body(carry):
+        opcode, start, steps, slot = tf.unstack(runs[carry.index])
+        c = carry.counts
+
+        def advance():
+            new = kernel.advance(x_tm[start:start + steps], carry.register)
+            return carry._replace(
+                register=[tf.ensure_shape(n, r.shape)
+                          for n, r in zip(new, carry.register)],
+                counts=c._replace(
+                    forward_calls=c.forward_calls + 1,
+                    forward_steps=c.forward_steps + tf.cast(steps, _COUNTER)))
+
+        def leaf():
+            grads = kernel.leaf(
+                x_tm[start:start + steps], carry.register,
+                _segment_output_gradients(d_outputs, start, steps, length,
+                                          return_sequences),
+                carry.d_register)
+            d_inputs = carry.d_inputs
+            if input_gradient:
+                d_inputs = d_inputs.scatter(tf.range(start, start + steps),
+                                            grads.inputs)
+            n = tf.cast(steps, _COUNTER)
+            return carry._replace(
+                d_register=[tf.ensure_shape(g, r.shape)
+                            for g, r in zip(grads.states, carry.d_register)],
+                d_inputs=d_inputs,
+                d_weights=[a + tf.cast(g, a.dtype)
+                           for a, g in zip(carry.d_weights, grads.weights)],
+                counts=c._replace(
+                    forward_calls=c.forward_calls + 1,
+                    forward_steps=c.forward_steps + n,
+                    backward_calls=c.backward_calls + 1,
+                    backward_steps=c.backward_steps + n))
+
+        def store():
+            live = c.live_slots + 1
+            return carry._replace(
+                slots=_write_slot(carry.slots, slot, carry.register),
+                counts=c._replace(live_slots=live,
+                                  peak_slots=tf.maximum(c.peak_slots, live)))
+
+        def restore():
+            return carry._replace(
+                register=_read_slot(carry.slots, slot, carry.register))
+
+        def free():
+            return carry._replace(
+                slots=_write_slot(carry.slots, slot, zeros_state),
+                counts=c._replace(live_slots=c.live_slots - 1))
+
+        branches = {
+            planner_fused.ADVANCE: advance,
+            planner_fused.LEAF: leaf,
+            planner_fused.STORE: store,
+            planner_fused.RESTORE: restore,
+            planner_fused.FREE: free,
+        }
+        new = tf.switch_case(
+            tf.gather(branch_of_opcode, opcode),
+            branch_fns=[branches[o] for o in _BRANCH_OPCODES])
+        return (new._replace(index=carry.index + 1),)
+
+    initial = _GradientCarry(tf.constant(0), list(register), list(d_final),
+                             list(slots), d_inputs, d_weights, counts)
+    (carry,) = tf.while_loop(
+        lambda carry: carry.index < tf.shape(runs)[0], body, (initial,))
+    return carry
+
+
+class FusedCallCounts(typing.NamedTuple):
+    """Fused calls of one forward and backward pass, counted by the executor.
+
+    Attributes:
+        forward_calls: Forward kernel calls (first sweep, advances, leaves).
+        backward_calls: Backward kernel calls (one per leaf).
+        steps: Steps evaluated by those calls, forward and backward.
+    """
+
+    forward_calls: tf.Tensor
+    backward_calls: tf.Tensor
+    steps: tf.Tensor
+
+
+def _execution_counts(counts, length, states):
+    """The loop's counts in the step executor's terms."""
+    return executor_lib.ExecutionCounts(
+        forward_steps=tf.constant(length, _COUNTER),
+        recomputed_steps=counts.forward_steps,
+        backward_steps=counts.backward_steps,
+        peak_stored_slots=counts.peak_slots,
+        peak_stored_internal=tf.zeros([], _COUNTER),
+        peak_stored_bytes=counts.peak_slots * _state_bytes(states),
+    )
+
+
+def _match_variables(variables, kernel_variables, gradients):
+    """Gradients in the order custom_gradient lists the captured variables."""
+    position = {}
+    for i, v in enumerate(kernel_variables):
+        position[_ref(v)] = i
+    result = []
+    for v in variables or []:
+        index = position.get(v.ref())
+        result.append(None if index is None else tf.cast(gradients[index], v.dtype))
+    return result
+
+
+def _ref(variable):
+    inner = getattr(variable, "value", variable)
+    return inner.ref() if hasattr(inner, "ref") else variable.ref()

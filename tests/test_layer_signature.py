@@ -1,0 +1,98 @@
+"""MemoryBudgetRNN takes keras.layers.RNN's arguments in Keras' order.
+
+A drop-in replacement must accept every call that works with the Keras class:
+positional arguments land on the same attributes, `memory_budget`, `scheme`
+and `report_metrics` are keyword-only, and models saved by earlier versions
+still load.
+"""
+
+import copy
+import inspect
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+
+from keras_bptt import MemoryBudgetRNN
+
+DATA = pathlib.Path(__file__).parent / "data"
+OWN_ARGUMENTS = ("memory_budget", "scheme", "report_metrics", "fused", "segment_costs")
+
+
+def _parameters(function):
+    return [
+        p for p in inspect.signature(function).parameters.values()
+        if p.name != "self" and p.kind != p.VAR_KEYWORD
+    ]
+
+
+def test_keras_positional_arguments_come_first_in_the_same_order():
+    keras_params = _parameters(keras.layers.RNN.__init__)
+    ours = _parameters(MemoryBudgetRNN.__init__)
+    positional = [p for p in ours if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert [(p.name, p.default) for p in positional] == [
+        (p.name, p.default) for p in keras_params
+    ]
+    keyword_only = [p.name for p in ours if p.kind == p.KEYWORD_ONLY]
+    assert tuple(keyword_only) == OWN_ARGUMENTS
+
+
+def test_every_positional_argument_lands_on_the_same_attribute():
+    names = [p.name for p in _parameters(keras.layers.RNN.__init__)][1:]
+    # Non-default values, one per positional argument (stateful needs a
+    # fixed batch size only when built, which this test does not do).
+    values = [not p.default for p in _parameters(keras.layers.RNN.__init__)[1:]]
+    reference = keras.layers.RNN(keras.layers.GRUCell(3), *values)
+    layer = MemoryBudgetRNN(keras.layers.GRUCell(3), *values, memory_budget=4)
+    for name, value in zip(names, values):
+        assert getattr(layer, name) == getattr(reference, name) == value, name
+    assert layer.memory_budget == 4
+
+
+def test_two_positional_flags_are_return_sequences_and_return_state():
+    layer = MemoryBudgetRNN(keras.layers.LSTMCell(4), True, True, memory_budget="50%")
+    outputs = layer(np.ones((2, 6, 3), "float32"))
+    assert len(outputs) == 3 and outputs[0].shape == (2, 6, 4)
+
+
+def test_memory_budget_cannot_be_given_positionally():
+    with pytest.raises(TypeError):
+        MemoryBudgetRNN(keras.layers.LSTMCell(4), False, False, False, False,
+                        False, False, 10)
+
+
+def test_call_and_other_public_methods_have_keras_signatures():
+    for name in ("call", "get_initial_state", "compute_output_shape",
+                 "compute_mask", "reset_states", "build"):
+        ours = getattr(MemoryBudgetRNN, name)
+        theirs = getattr(keras.layers.RNN, name)
+        assert inspect.signature(ours) == inspect.signature(theirs), name
+
+
+def test_config_written_by_version_0_1_0_loads():
+    config = {
+        "name": "old", "trainable": True, "dtype": "float32",
+        "return_sequences": True, "return_state": False, "go_backwards": True,
+        "stateful": False, "unroll": False, "zero_output_for_mask": False,
+        "cell": keras.saving.serialize_keras_object(keras.layers.LSTMCell(5)),
+        "memory_budget": "25%", "scheme": "hsm",
+    }
+    layer = MemoryBudgetRNN.from_config(config)
+    assert (layer.memory_budget, layer.scheme, layer.go_backwards) == ("25%", "hsm", True)
+    assert layer.report_metrics == "auto"
+    config_again = layer.get_config()
+    assert config_again["report_metrics"] == "auto"
+    # from_config pops the cell from the dict it is given: pass a copy.
+    assert MemoryBudgetRNN.from_config(copy.deepcopy(config_again)).get_config() == config_again
+
+
+def test_keras_file_written_by_version_0_1_0_loads_with_equal_outputs():
+    # Written by keras_bptt 0.1.0 (memory_budget and scheme were positional
+    # then): a Sequential of MemoryBudgetRNN(LSTMCell(5), "25%", "hsm",
+    # return_sequences=True) and Dense(1), with its inputs and outputs.
+    model = keras.saving.load_model(DATA / "model_v0_1_0.keras")
+    layer = model.get_layer("budgeted")
+    assert (layer.memory_budget, layer.scheme, layer.return_sequences) == ("25%", "hsm", True)
+    io = np.load(DATA / "model_v0_1_0_io.npz")
+    np.testing.assert_allclose(model(io["x"]), io["y"], atol=1e-6)
