@@ -30,21 +30,26 @@ last-in first-out, so a freed deep slot would otherwise keep its state alive
 until the plan stores that deep again (for MSM at 2% of an LSTM's standard
 BPTT, about 47 units beyond the plan's 61).
 
-Interpreter overhead. Every op of a loop body runs once per step, so the
-loops are specialised while tracing when the program is a constant (a
-static sequence length): the gradient function runs the first instruction
-(always `BACKWARD t`, the only one that receives the output's cotangent
-when `return_sequences=False`) and a trailing `EXEC_NOP` outside its loop,
-and the loop over the others (`_Traits`) builds only the `tf.switch_case`
-branches of the opcodes that occur (no switch at all for one opcode, e.g.
-`store_all` or HSM with every state stored), and only the restores,
-releases, stores and peak counts that occur. The forward loop skips the
-early-release bookkeeping when the sweep releases nothing; the counters it
-keeps are then the live counts alone, whose final values are the peaks
-(they never decrease). The graph thus depends on which kinds of instructions
-a program has, never on t. When t is unknown while tracing, the program is
+Interpreter overhead. Every op of a loop body runs once per step (and a
+`tf.switch_case` also walks its untaken branches), so when the program is a
+constant while tracing (a static sequence length) the gradient function is
+specialised to it: the first instruction (always `BACKWARD t`, the only one
+that receives the output's cotangent when `return_sequences=False`) and a
+trailing `EXEC_NOP` run once outside the loop, and the loop over the others
+(`_Traits`) builds only the switch branches of the opcodes that occur (no
+switch at all for one opcode, e.g. `store_all`, or HSM with every state
+stored), only the restores, releases, stores and peak counts that occur,
+and carries as loop variables only what it changes. Counters stay measured:
+each branch adds its own increments, and peaks are taken only where a store
+can raise them. The forward loop likewise skips the early-release
+bookkeeping when the sweep releases nothing: its live counts then never
+decrease, and their final values are its peaks. Inputs are read with one
+gather per step (`x[:, j]` in place, no time-major copy), and a freed slot
+is written only after the read of its state, so that the write need not
+copy the buffer's list. The graph depends on which kinds of instructions a
+program has, never on t. When t is unknown while tracing, the program is
 fetched at run time (`tf.numpy_function`) and runs through the general
-interpreter (every branch, every check), so one trace serves every length.
+interpreter (every branch and check), so one trace serves every length.
 
 Known limitations:
 
@@ -55,6 +60,10 @@ Known limitations:
   compile; give the layer a static sequence length under `jit_compile=True`.
 * Under XLA, internal-state buffers cost about twice their size (measured in
   `benchmarks/results/memory_time_xla.json`).
+* A program that mixes opcodes (MSM, or HSM below a 100% budget) still pays
+  one `tf.switch_case` per instruction, untaken branches included (MSM at
+  5% of an LSTM's BPTT: about 110 runs of one instruction kind, which
+  per-run loops could serve without a switch per step).
 * Beyond the stored states, a backward pass keeps the variable-gradient
   accumulators (one copy of the weights) and the gradients of up to two
   backward steps waiting to be added (the loop overlaps a step's weight
