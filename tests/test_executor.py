@@ -52,12 +52,15 @@ def _trace(length, units=8):
 
 def test_graph_size_and_tracing_time_do_not_grow_with_length():
     _trace(5)  # warm up TensorFlow's own one-time tracing costs
-    short_seconds, _, short_functions = _trace(10)
-    _, medium_nodes, _ = _trace(1_000)
+    short_seconds, _, _ = _trace(10)
+    _, medium_nodes, medium_functions = _trace(1_000)
     long_seconds, long_nodes, long_functions = _trace(10_000)
-    # (t=10 differs by two nodes: TensorFlow builds small zeros as constants.)
+    # (t=10 differs by two nodes: TensorFlow builds small zeros as constants;
+    # the executor specialises its loops to the kinds of instructions a
+    # program has, and t=10's plan here stores internal states, t>=1000's
+    # do not: compare plans of one kind.)
     assert long_nodes == medium_nodes
-    assert long_functions == short_functions
+    assert long_functions == medium_functions
     assert long_seconds <= 1.5 * short_seconds + 0.05, (short_seconds, long_seconds)
 
 
