@@ -160,14 +160,17 @@ Known limitations
   60% of the work for GPU-like costs and a third without call times; no
   bound on the optimal split is proven (C is not convex in n: the leaf
   limit makes it jump), so every finite split of a searched cell is tried.
-  On a loaded 2-core machine: t=1000, 50 slots, about 0.2 s; t=12000, 120
-  slots, tens of seconds (`tests/test_planner_fused.py` has no timing
-  asserts).
+  Measured on a 2-core machine shared with other jobs (CPU time of
+  `make_fused_plan`, wall time about twice that): t=1000 with 50 slots
+  0.13-0.21 s; t=12000 with 120 slots 9-11 s for GPU-like costs, 13 s
+  without call times. `tests/test_planner_fused.py` has no timing asserts.
 * Items are kept until their sub-problem ends (the paper's model; no early
   release as in `msm_early`).
 * Times are float64 sums: plans are optimal up to rounding. Ties are
   broken towards a segment at the start, then the shortest advance, then
-  a right part from the register rather than from a stored state.
+  a right part from the register rather than from a stored state. With
+  zero call times ties abound and the plan may use many short runs (kept
+  segments of one step, like MSM's); a small call time prefers fewer.
 * The cost is a prediction from a linear model of call time; calibrate
   `SegmentCosts` on the device, per cell and shape.
 * `chained_advances` assumes a forward call can write the states at chosen
@@ -191,6 +194,28 @@ from keras_bptt import plan as plan_lib
 SCHEMES = ("fused_hsm", "fused_msm")
 
 # Run opcodes: rows `(opcode, start, length, slot)` of `FusedPlan.runs`.
+#
+# | opcode            | meaning                                                |
+# |-------------------|--------------------------------------------------------|
+# | `ADVANCE`         | register holds h_start: one forward call of `length`   |
+# |                   | steps, keeping nothing; register := h_{start+length}.  |
+# | `CONTINUE`        | as ADVANCE, in the call of the preceding ADVANCE or    |
+# |                   | CONTINUE (only STOREs in between; chained_advances).   |
+# | `LEAF`            | register holds h_start: training forward of steps      |
+# |                   | start+1..start+length, then their fused backward;      |
+# |                   | start+length is the next step to backpropagate.        |
+# | `FORWARD_KEEP`    | as LEAF's forward, the reserve kept in reserve slot    |
+# |                   | `slot`; register := h_{start+length}.                  |
+# | `BACKWARD_KEPT`   | fused backward of the segment in reserve slot `slot`   |
+# |                   | (start, length), which it frees.                       |
+# | `STORE`           | hidden slot `slot` := the register (h_start).          |
+# | `RESTORE`         | register := hidden slot `slot` (h_start).              |
+# | `RESTORE_RESERVE` | register := h_start, the end state of the segment in   |
+# |                   | reserve slot `slot`.                                   |
+# | `FREE`            | free hidden slot `slot` (h_start).                     |
+#
+# `length` is 0 for the last four. Plans start with `STORE 0 0 0` (h_0) and
+# end with `FREE 0 0 0`; slots are reused last-in first-out.
 ADVANCE = 0
 CONTINUE = 1
 LEAF = 2
@@ -220,8 +245,9 @@ _GRID_ROUNDING = 0.03
 _GRID_WORK_LIMIT = 3 * 10**8
 # Split evaluations per NumPy call (a float64 scratch buffer of 1 MiB).
 _SCRATCH_SIZE = 2**17
-# Rows filled together (`_FusedTable._fill`).
+# Rows filled together, and columns per block (`_FusedTable._fill`).
 _TILE_ROWS = 32
+_TILE_COLUMNS = 128
 # Longer problems bound their time by the same problem in blocks of steps,
 # this many rows at most (`_coarse_bound`).
 _COARSE_ROWS = 1000
@@ -293,6 +319,7 @@ class SegmentCosts:
         return counted * self.reserve_units_per_step
 
     def leaf_time(self, steps):
+        """Time of a leaf of `steps` steps: a forward and a backward call."""
         return (self.call_forward + self.call_backward
                 + steps * (self.step_forward + self.step_backward))
 
@@ -816,29 +843,37 @@ class _FusedTable:
 
         `values[n - first, u - u0] = min_y y f + G(n - y, u) + C(y, u)` over
         `y < first` with `n - y < first` (G of later rows is still infinite
-        here, so those terms drop out by themselves). Evaluated in blocks
-        of `(rows, splits, columns)`: for split y and row n = first + i,
-        G(n - y) is `right_reversed[length - first - i + y]`, a sliding
-        window over the earlier rows.
+        here, so those terms drop out by themselves), for groups of
+        `_TILE_COLUMNS` columns, each over the splits whose halves are
+        finite in some of its columns. Evaluated in blocks of `(splits,
+        rows, columns)`, reduced over the first axis: for split y and row
+        n = first + i, G(n - y) is `right_reversed[length - first - i +
+        y]`, a window sliding back one row per row of the tile.
         """
-        count, width = stop - first, u1 - u0
-        values = np.full((count, width), np.inf)
-        high = min(first - 1, int(last_left[u0:u1].max()))
-        low = max(1, first - int(last_right[u0:u1].max()))
-        chunk = max(1, len(scratch) // (count * width))
-        length = self.length
-        for y0 in range(low, high + 1, chunk):
-            y1 = min(y0 + chunk, high + 1)
-            base = length - (stop - 1) + y0
-            block = self.right_reversed[base:length - first + y1, u0:u1]
-            # window[s, :, j] = block[s + j]; row n = first + i has
-            # s = count - 1 - i.
-            window = np.lib.stride_tricks.sliding_window_view(
-                block, y1 - y0, axis=0)[::-1].transpose(0, 2, 1)
-            sums = scratch[:count * (y1 - y0) * width].reshape(
-                count, y1 - y0, width)
-            np.add(window, self.left[y0:y1, u0:u1][None], out=sums)
-            np.minimum(values, sums.min(axis=1), out=values)
+        count, length = stop - first, self.length
+        values = np.full((count, u1 - u0), np.inf)
+        row_stride, column_stride = self.right_reversed.strides
+        for g0 in range(u0, u1, _TILE_COLUMNS):
+            g1 = min(g0 + _TILE_COLUMNS, u1)
+            width = g1 - g0
+            high = min(first - 1, int(last_left[g0:g1].max()))
+            low = max(1, first - int(last_right[g0:g1].max()))
+            chunk = max(1, len(scratch) // (count * width))
+            out = values[:, g0 - u0:g1 - u0]
+            for y0 in range(low, high + 1, chunk):
+                y1 = min(y0 + chunk, high + 1)
+                # window[j, i] = right_reversed[length - first - i + y0 + j]:
+                # rows from length - stop + 1 + y0 to length - first + y1 - 1,
+                # all inside the table.
+                start = self.right_reversed[length - first + y0, g0:g1]
+                window = np.lib.stride_tricks.as_strided(
+                    start, shape=(y1 - y0, count, width),
+                    strides=(row_stride, -row_stride, column_stride),
+                    writeable=False)
+                sums = scratch[:count * (y1 - y0) * width].reshape(
+                    y1 - y0, count, width)
+                np.add(window, self.left[y0:y1, None, g0:g1], out=sums)
+                np.minimum(out, sums.min(axis=0), out=out)
         return values
 
     # Backtracking -------------------------------------------------------------

@@ -115,7 +115,7 @@ def _check(plan, length, memory):
     return runs
 
 
-# -- the cases that reduce to the step model ------------------------------------
+# -- the cases that reduce to the step model ----------------------------------
 
 
 @pytest.mark.parametrize(
@@ -161,7 +161,7 @@ def test_no_call_time_gives_todays_optimum(alpha):
             assert msm <= fused.fused_time(length, memory, loop) <= hsm, case
 
 
-# -- optimality: exhaustive search and the recursions ------------------------------
+# -- optimality: exhaustive search and the recursions -------------------------
 
 
 @pytest.mark.parametrize("name", sorted(COSTS))
@@ -292,7 +292,7 @@ def test_non_integer_reserve_plans_on_a_grid():
                 length, memory, rounded, internal=True) + 1e-9
 
 
-# -- monotonicity -----------------------------------------------------------------
+# -- monotonicity -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["gpu", "mixed", "step_loop"])
@@ -319,7 +319,7 @@ def test_richer_models_are_never_slower():
         assert fused.fused_time(length, memory, dearer) >= leaves
 
 
-# -- plans ---------------------------------------------------------------------------
+# -- plans --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(COSTS))
@@ -372,7 +372,7 @@ def test_every_run_opcode_is_exercised():
     assert seen == set(fused.RUN_NAMES)
 
 
-# -- structure: what call costs change ---------------------------------------------------
+# -- structure: what call costs change ----------------------------------------
 
 
 def test_large_call_costs_give_few_long_runs():
@@ -422,7 +422,7 @@ def test_fused_runs_beat_one_step_per_call_on_a_gpu():
         step_plan, CPU) + 1e-9
 
 
-# -- the run simulator ---------------------------------------------------------------------
+# -- the run simulator --------------------------------------------------------
 
 # t = 3, GPU costs, 4 units: advance to h_2, leaf over step 3 from the
 # register (1 + 1 units), restore h_0, leaf over steps 1..2 (1 + 2 units).
@@ -513,7 +513,7 @@ def test_continued_advance_needs_an_open_call():
         simulator.simulate_runs(_hand_plan(broken, **fields))
 
 
-# -- arguments ---------------------------------------------------------------------------
+# -- arguments ----------------------------------------------------------------
 
 
 def test_budget_below_a_one_step_leaf_names_the_smallest_budget():
