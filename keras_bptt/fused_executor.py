@@ -198,6 +198,7 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
         if go_backwards:
             x_tm = tf.reverse(x_tm, [0])
         states0 = list(states0)
+        kernel.pack(x.dtype)
         slots = [tf.TensorArray(s.dtype, size=split.hidden_slots + 1,
                                 element_shape=s.shape, clear_after_read=False)
                  for s in states0]
@@ -218,8 +219,10 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
                        for d, s in zip(d_final, final_states)]
             d_outputs = _time_major_output_gradients(
                 d_result, result, return_sequences, length)
+            kernel.pack(x.dtype)  # in the gradient's graph
             carry = _gradient_loop(kernel, x_tm, d_outputs, register, d_final,
                                    slots, split, input_gradient, sweep)
+            kernel._packed = None
             side_effects = []
             if on_backward is not None:
                 op = on_backward(
@@ -249,6 +252,7 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
 
     variables_of_kernel = variables
     results = recurrence(inputs, *initial_states)
+    kernel._packed = None  # tensors of this graph: never reuse elsewhere
     result = results[0]
     final_states = list(results[1:1 + num_states])
     forward_steps, peak = results[1 + num_states:]
@@ -401,8 +405,14 @@ def _gradient_loop(kernel, x_tm, d_outputs, register, d_final, slots, split,
 
     initial = _GradientCarry(tf.constant(0), list(register), list(d_final),
                              list(slots), d_inputs, d_weights, counts)
+    # One run at a time: a later leaf's training forward does not depend on
+    # the gradient of the one before, so with TensorFlow's default of ten
+    # parallel iterations several leaves' reserves were held at once (about
+    # 10x the budget was measured). Each iteration is a whole fused call:
+    # overlapping them buys little.
     (carry,) = tf.while_loop(
-        lambda carry: carry.index < tf.shape(runs)[0], body, (initial,))
+        lambda carry: carry.index < tf.shape(runs)[0], body, (initial,),
+        parallel_iterations=1)
     return carry
 
 
