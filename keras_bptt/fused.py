@@ -149,8 +149,11 @@ class BlockLSTMKernel:
         (measured: 25 advances held 28 MiB of copies of an LSTM(256)'s
         weights). Call it again in each graph (forward and gradient).
         """
+        self._packed = self._weights(dtype)
+
+    def _weights(self, dtype):
         zeros = tf.zeros([self.cell.units], dtype)
-        self._packed = dict(
+        return dict(
             w=tf.concat([tf.cast(self.cell.kernel, dtype),
                          tf.cast(self.cell.recurrent_kernel, dtype)], 0),
             wci=zeros, wcf=zeros, wco=zeros,
@@ -159,11 +162,10 @@ class BlockLSTMKernel:
 
     def _arguments(self, x, states):
         h, c = states
-        if getattr(self, "_packed", None) is None:
-            self.pack(x.dtype)
+        packed = getattr(self, "_packed", None) or self._weights(x.dtype)
         return dict(
             seq_len_max=tf.cast(tf.shape(x)[0], tf.int64), x=x, cs_prev=c,
-            h_prev=h, **self._packed,
+            h_prev=h, **packed,
         )
 
     def _run(self, x, states):
@@ -259,10 +261,11 @@ class _CudnnKernel:
         h = states[0][None]
         c = states[1][None] if self.mode == "lstm" else tf.zeros([], x.dtype)
         lengths = tf.fill([tf.shape(x)[1]], tf.shape(x)[0])
-        if getattr(self, "_packed", None) is None:
-            self.pack(x.dtype)
+        params = getattr(self, "_packed", None)
+        if params is None:
+            params = self._params(x.dtype)
         arguments = dict(
-            input=x, input_h=h, input_c=c, params=self._packed,
+            input=x, input_h=h, input_c=c, params=params,
             sequence_lengths=lengths, rnn_mode=self.mode, time_major=True,
         )
         results = tf.raw_ops.CudnnRNNV3(**arguments, is_training=is_training)

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from keras_bptt import MemoryBudgetRNN, fused_executor
+from keras_bptt import fused as fused_lib
 from keras_bptt import _planner_fused as planner_fused
 from keras_bptt._planner_fused import SegmentCosts
 from rnn_testing import assert_same_results, outputs_and_gradients, random_sequences
@@ -192,3 +193,18 @@ def test_advances_are_split_so_their_transients_fit_the_budget():
         for s in range(start, start + n))
     assert advanced(runs) == advanced(plan.runs)  # the same steps, more calls
     assert extra == len(runs) - len(plan.runs) > 0
+
+
+def test_calibrated_costs_plan_and_run_like_keras():
+    fused_lib.clear_calibrations()
+    reference = keras.layers.RNN(_cell())
+    layer = MemoryBudgetRNN(_cell(), memory_budget="20%", fused=True)
+    x = random_sequences(LENGTH)
+    reference(x)
+    layer(x)
+    layer.set_weights(reference.get_weights())
+    assert_same_results(outputs_and_gradients(reference, x),
+                        outputs_and_gradients(layer, x))
+    costs = layer.last_fused_plan.costs
+    assert costs.step_forward > 0 and costs.step_backward > 0
+    assert costs.reserve_units_per_step == 3.5
