@@ -666,6 +666,8 @@ def main(argv=None):
     with open(output + ".json", "w") as f:
         json.dump(summary, f, indent=1)
     _plot(output + ".png", results, config, chance)
+    if not os.path.relpath(output).startswith(".."):
+        output = os.path.relpath(output)
     print(f"Figure: {output}.png; results: {output}.json; "
           f"TensorBoard: tensorboard --logdir {args.log_dir}")
 
