@@ -190,7 +190,6 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
             f"The plan is for {fused_plan.length} steps; the input has {length}."
         )
     num_states = len(initial_states)
-    variables = kernel.variables
 
     @tf.custom_gradient
     def recurrence(x, *states0):
@@ -218,7 +217,7 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
             d_final = [tf.zeros_like(s) if d is None else d
                        for d, s in zip(d_final, final_states)]
             d_outputs = _time_major_output_gradients(
-                d_result, result, return_sequences, length)
+                d_result, result, return_sequences)
             kernel.pack(x.dtype)  # in the gradient's graph
             carry = _gradient_loop(kernel, x_tm, d_outputs, register, d_final,
                                    slots, split, input_gradient, sweep)
@@ -237,7 +236,7 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
                 if op is not None:
                     side_effects.append(op)
             with tf.control_dependencies(side_effects):
-                d_weights = _match_variables(variables, variables_of_kernel,
+                d_weights = _match_variables(variables, kernel.variables,
                                              carry.d_weights)
                 dx = None
                 if input_gradient:
@@ -250,7 +249,6 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
         return ((result, *final_states, forward_counts, sweep.peak_slots),
                 grad_fn)
 
-    variables_of_kernel = variables
     results = recurrence(inputs, *initial_states)
     kernel._packed = None  # tensors of this graph: never reuse elsewhere
     result = results[0]
@@ -259,12 +257,8 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
     zero = tf.zeros([], _COUNTER)
     counts = executor_lib.ExecutionCounts(
         forward_steps, zero, zero, peak, zero,
-        peak * _state_bytes(initial_states))
+        peak * executor_lib._nbytes(initial_states))
     return result, final_states, counts
-
-
-def _state_bytes(states):
-    return executor_lib._nbytes(states)
 
 
 class _SweepCounts(typing.NamedTuple):
@@ -303,7 +297,7 @@ def _forward_sweep(kernel, x_tm, states, slots, split, return_sequences):
         constant(steps), constant(calls + 1), constant(live), constant(peak))
 
 
-def _time_major_output_gradients(d_result, result, return_sequences, length):
+def _time_major_output_gradients(d_result, result, return_sequences):
     """`[t, batch, units]` output gradients, or a last-step-only marker."""
     if d_result is None:
         d_result = tf.zeros_like(result)
@@ -438,7 +432,7 @@ def _execution_counts(counts, length, states):
         backward_steps=counts.backward_steps,
         peak_stored_slots=counts.peak_slots,
         peak_stored_internal=tf.zeros([], _COUNTER),
-        peak_stored_bytes=counts.peak_slots * _state_bytes(states),
+        peak_stored_bytes=counts.peak_slots * executor_lib._nbytes(states),
     )
 
 
