@@ -1,7 +1,7 @@
 """Peak memory and step time of LSTM training steps, side by side.
 
 For each sequence length, measures in one run (each configuration in its own
-subprocess, see `keras_bptt.measure`): `keras.layers.RNN(LSTMCell)`,
+subprocess, see `measure`): `keras.layers.RNN(LSTMCell)`,
 `keras.layers.LSTM`, and `MemoryBudgetRNN(LSTMCell)` at several budgets.
 Ratios are taken against `keras.layers.RNN` measured in the same run, next to
 the ratio the plan predicts, `(cost/t + b) / (1 + b)`, with b the
@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_bptt.measure import measure_in_subprocess  # noqa: E402
+from measure import measure_in_subprocess  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 BUDGETS = (1.0, 0.2, 0.1, 0.05, 0.02)

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from keras_bptt import _planner_msm, planner  # noqa: E402
+from keras_bptt.planning import _msm as _planner_msm, planner  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 

@@ -21,7 +21,7 @@ allocator statistics of one run do not see another's:
    loss is at the last step, so the windows before the last one only run
    forward and the gradient reaches back k steps. k is the longest window
    whose standard BPTT fits run 1's budget in the same accounting
-   (`keras_bptt.planner.standard_bptt_memory`: 1 + (k-1)*alpha hidden-state
+   (`keras_bptt.planning.planner.standard_bptt_memory`: 1 + (k-1)*alpha hidden-state
    slots, alpha as measured for this cell by run 1's plan);
 3. `keras.layers.LSTM`, full standard BPTT: the memory reference.
 
@@ -416,7 +416,7 @@ def _run_worker(run, config, env):
 
 def truncation_window(length, budget_slots, alpha):
     """The longest k whose standard BPTT (1 + (k-1) alpha slots) fits."""
-    from keras_bptt import planner
+    from keras_bptt.planning import planner
 
     k = int(math.floor((budget_slots - 1.0) / alpha)) + 1
     while k > 1 and planner.standard_bptt_memory(k, alpha) > budget_slots:
@@ -433,7 +433,7 @@ def _window(args, budget_result):
     alpha is what one step of this cell keeps for its backward pass, in
     slots, as measured by `MemoryBudgetRNN` for run 1's plan.
     """
-    from keras_bptt import planner
+    from keras_bptt.planning import planner
 
     if budget_result is None:
         print(f"\nTruncation window: k={args.window} (--window).")
@@ -469,7 +469,7 @@ def _stored_bytes(results, window_info, length):
     """What each run keeps for backpropagation, in bytes (see the table)."""
     if "budget" not in results:
         return
-    from keras_bptt import planner
+    from keras_bptt.planning import planner
 
     plan = results["budget"]["plan"]
     results["budget"]["stored_bytes"] = plan["measured_peak_stored_bytes"]

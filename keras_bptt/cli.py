@@ -23,8 +23,8 @@ import argparse
 import math
 import sys
 
-from keras_bptt import budget as budget_lib
-from keras_bptt import planner
+from keras_bptt.planning import budget as budget_lib
+from keras_bptt.planning import planner
 
 MAX_TABLE_OPS = 20_000_000
 
@@ -112,12 +112,12 @@ def _run_plan(args):
     print(f"auto picks {chosen.scheme}" if args.scheme == "auto"
           else f"selected {chosen.scheme}")
     if args.plot:
-        from keras_bptt import plotting
+        from keras_bptt.monitoring import plotting
 
         plotting.plot_cost_curves(args.plot, length, alpha, budget_slots=slots)
         print(f"wrote {args.plot}")
     if args.schedule:
-        from keras_bptt import plotting
+        from keras_bptt.monitoring import plotting
 
         plotting.plot_schedule(args.schedule, chosen)
         print(f"wrote {args.schedule}")

@@ -44,7 +44,7 @@ CELLS = {
 }
 
 
-# Cells with internal states (`keras_bptt.internal_states`), small enough
+# Cells with internal states (`keras_bptt.execution.internal_states`), small enough
 # for many executions, and the input shape their tests use.
 INTERNAL_STATE_CELLS = {
     "lstm": lambda: keras.layers.LSTMCell(5),

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from keras_bptt import MemoryBudgetRNN
-from keras_bptt import planner
+from keras_bptt.planning import planner
 from rnn_testing import make_pair
 from rnn_testing import outputs_and_gradients
 

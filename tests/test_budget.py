@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from keras_bptt import budget as budget_lib
-from keras_bptt import planner
-from keras_bptt.budget import Budget, Bytes, Fraction, Slots, parse_budget
+from keras_bptt.planning import budget as budget_lib
+from keras_bptt.planning import planner
+from keras_bptt.planning.budget import Budget, Bytes, Fraction, Slots, parse_budget
 
 
 @pytest.mark.parametrize(

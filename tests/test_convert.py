@@ -53,7 +53,7 @@ def assert_model_equals_original(original, converted, x, training=False):
 def _executions(model):
     return [
         entry.layer.execution_stats.as_dict()["executions"]
-        for entry in keras_bptt.model_budget.recurrent_layers(model)
+        for entry in keras_bptt.layers.model_budget.recurrent_layers(model)
     ]
 
 
@@ -172,11 +172,11 @@ def test_nested_sequential_and_functional_models():
     outputs = keras.layers.Dense(1)(inner_functional(inner_sequential(inputs)))
     original = keras.Model(inputs, outputs)
     converted = keras_bptt.with_memory_budget(original, "40%")
-    kinds = [type(e.layer).__name__ for e in keras_bptt.model_budget.recurrent_layers(converted)]
+    kinds = [type(e.layer).__name__ for e in keras_bptt.layers.model_budget.recurrent_layers(converted)]
     assert kinds == ["GRU", "SimpleRNN", "SimpleRNN"]
     assert all(
         isinstance(e.layer, MemoryBudgetRNN)
-        for e in keras_bptt.model_budget.recurrent_layers(converted)
+        for e in keras_bptt.layers.model_budget.recurrent_layers(converted)
     )
     assert_model_equals_original(original, converted, _x())
 
@@ -194,11 +194,11 @@ def test_keras_file_round_trip_of_a_converted_model(tmp_path):
     np.testing.assert_allclose(loaded(x), original(x), atol=1e-6)
     budgets = [
         (type(e.layer).__name__, e.layer.memory_budget, e.layer.scheme)
-        for e in keras_bptt.model_budget.recurrent_layers(loaded)
+        for e in keras_bptt.layers.model_budget.recurrent_layers(loaded)
     ]
     expected = [
         (type(e.layer).__name__, e.layer.memory_budget, e.layer.scheme)
-        for e in keras_bptt.model_budget.recurrent_layers(converted)
+        for e in keras_bptt.layers.model_budget.recurrent_layers(converted)
     ]
     assert budgets == expected
     assert [b[0] for b in budgets] == ["LSTM", "LSTM", "MemoryBudgetRNN"]

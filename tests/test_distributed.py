@@ -15,7 +15,7 @@ tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
 from keras_bptt import MemoryBudgetRNN
-from keras_bptt.callbacks import BudgetMonitor
+from keras_bptt.monitoring.callbacks import BudgetMonitor
 
 x = np.random.default_rng(0).normal(size=(32, 40, 3)).astype("float32")
 y = x[:, :, :1].sum(1)

@@ -1,6 +1,6 @@
 """The early-release MSM planner (`msm_early`): costs, plans, auto, programs.
 
-Costs are checked against the exhaustive search of `keras_bptt.brute_force`
+Costs are checked against the exhaustive search of `brute_force`
 (its `early_release=True` model) and against a direct memoised evaluation of
 the recursions below, independent of the planner's closed forms and pruning.
 """
@@ -14,12 +14,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from keras_bptt import _planner_early_release as early
-from keras_bptt import brute_force
-from keras_bptt import plan as plan_lib
-from keras_bptt import planner
-from keras_bptt import program as program_lib
-from keras_bptt import simulator
+from keras_bptt.planning import _early_release as early
+import brute_force
+from keras_bptt.planning import plan as plan_lib
+from keras_bptt.planning import planner
+from keras_bptt.execution import program as program_lib
+from keras_bptt.planning import simulator
 
 F, FSI, STORE, DROP, BACK, BACK_I = (
     plan_lib.FORWARD, plan_lib.FORWARD_STORE_INTERNAL, plan_lib.STORE_HIDDEN,
@@ -31,7 +31,7 @@ def reference_costs(alpha, hidden=1):
     """`cost(n, m, releasable)`: the recursions A/B, every split (slow).
 
     Memory in integer units, a hidden state `hidden` units, an internal state
-    `alpha` units (module docstring of `keras_bptt._planner_early_release`).
+    `alpha` units (module docstring of `keras_bptt.planning._early_release`).
     """
 
     @functools.lru_cache(maxsize=None)

@@ -8,10 +8,10 @@ import pytest
 import tensorflow as tf
 
 from keras_bptt import MemoryBudgetRNN
-from keras_bptt import _planner_schedule as schedule
-from keras_bptt import cell_memory
-from keras_bptt import plan as plan_lib
-from keras_bptt import planner
+from keras_bptt.planning import schedule
+from keras_bptt.execution import cell_memory
+from keras_bptt.planning import plan as plan_lib
+from keras_bptt.planning import planner
 from rnn_testing import BATCH
 from rnn_testing import INTERNAL_STATE_CELLS as CELLS
 from rnn_testing import NestedStateCell

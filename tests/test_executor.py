@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from keras_bptt import MemoryBudgetRNN
-from keras_bptt import program as program_lib
+from keras_bptt.execution import program as program_lib
 from rnn_testing import outputs_and_gradients
 
 
@@ -65,7 +65,7 @@ def test_graph_size_and_tracing_time_do_not_grow_with_length():
 
 
 def test_program_lowering_fuses_and_folds_operations():
-    from keras_bptt import planner
+    from keras_bptt.planning import planner
 
     plan = planner.make_plan(10, 3, scheme="hsm")
     program = program_lib.compile_program(plan)

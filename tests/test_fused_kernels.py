@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_bptt import fused
+from keras_bptt.execution import fused_kernels as fused
 
 
 def _random(shape, seed):

@@ -12,9 +12,9 @@ import pytest
 import tensorflow as tf
 
 from keras_bptt import MemoryBudgetRNN, fused_executor
-from keras_bptt import fused as fused_lib
-from keras_bptt import _planner_fused as planner_fused
-from keras_bptt._planner_fused import SegmentCosts
+from keras_bptt.execution import fused_kernels as fused_lib
+from keras_bptt.planning import fused as planner_fused
+from keras_bptt.planning.fused import SegmentCosts
 from rnn_testing import assert_same_results, outputs_and_gradients, random_sequences
 
 GPU_LIKE = SegmentCosts(1.0, 0.01, 1.0, 0.01, 3.5)
@@ -79,7 +79,7 @@ def test_gpu_like_costs_give_few_long_runs_and_cpu_like_deep_plans():
     # Launch costs buy fewer, longer calls for the same steps. (Executed,
     # BlockLSTM's 3.5 units of transients per advanced step split the long
     # advances again at this small budget: the planner does not model
-    # advance transients yet, see keras_bptt.fused_executor.bound_advances.)
+    # advance transients yet, see keras_bptt.execution.fused_interpreter.bound_advances.)
     assert gpu.last_fused_plan.forward_calls < cpu.last_fused_plan.forward_calls
     assert gpu.last_fused_plan.backward_calls < cpu.last_fused_plan.backward_calls
 
@@ -196,7 +196,7 @@ def test_advances_are_split_so_their_transients_fit_the_budget():
 
 
 def test_calibrated_costs_plan_and_run_like_keras():
-    fused_lib.clear_calibrations()
+    fused_lib.clear_caches()
     reference = keras.layers.RNN(_cell())
     layer = MemoryBudgetRNN(_cell(), memory_budget="20%", fused=True)
     x = random_sequences(LENGTH)

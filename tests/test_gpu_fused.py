@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from keras_bptt import MemoryBudgetRNN, fused
-from keras_bptt._planner_fused import SegmentCosts
+from keras_bptt.planning.fused import SegmentCosts
 from rnn_testing import assert_same_results, outputs_and_gradients, random_sequences
 
 pytestmark = pytest.mark.skipif(

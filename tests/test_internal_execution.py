@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_bptt import MemoryBudgetRNN
-from keras_bptt import internal_states
+from keras_bptt.execution import internal_states
 from rnn_testing import BATCH
 from rnn_testing import FEATURES
 from rnn_testing import INTERNAL_STATE_CELLS as CELLS

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_bptt import cell_memory
-from keras_bptt import internal_states
-from keras_bptt.internal_states import InternalStateStep
+from keras_bptt.execution import cell_memory
+from keras_bptt.execution import internal_states
+from keras_bptt.execution.internal_states import InternalStateStep
 
 BATCH = 3
 FEATURES = 3

@@ -2,7 +2,7 @@
 
 import pytest
 
-from keras_bptt.measure import measure_in_subprocess
+from benchmarks.measure import measure_in_subprocess
 
 CONFIG = dict(length=1000, batch=32, units=256, features=32, repeats=1)
 SLOT_BYTES = 2 * 32 * 256 * 4  # an LSTM hidden state (h and c), batch 32

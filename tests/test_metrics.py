@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from keras_bptt import MemoryBudgetRNN
-from keras_bptt.callbacks import BudgetMonitor
-from keras_bptt.metrics import Maximum
+from keras_bptt.monitoring.callbacks import BudgetMonitor
+from keras_bptt.layers.metrics import Maximum
 
 
 def _fit(layer, epochs=1, length=24, callbacks=(), model=None):

@@ -12,10 +12,10 @@ import pytest
 import tensorflow as tf
 
 import keras_bptt
-from keras_bptt import budget_split
-from keras_bptt import convert
-from keras_bptt import model_budget
-from keras_bptt.budget_split import LayerProfile
+from keras_bptt.planning import budget_split
+from keras_bptt.layers import convert
+from keras_bptt.layers import model_budget
+from keras_bptt.planning.budget_split import LayerProfile
 from rnn_testing import _loss
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -294,10 +294,10 @@ def test_summary_lists_every_budgeted_layer_and_the_total():
         assert int(cells[6]) == layer.last_plan.cost - layer.last_plan.length
 
 
-@pytest.mark.filterwarnings("ignore:keras_bptt.callbacks")
+@pytest.mark.filterwarnings("ignore:keras_bptt.monitoring.callbacks")
 def test_budget_monitor_writes_the_summary_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
-    from keras_bptt.callbacks import BudgetMonitor
+    from keras_bptt.monitoring.callbacks import BudgetMonitor
 
     model = keras.Sequential([keras.Input((8, 2)), keras_bptt.SimpleRNN(3, memory_budget=2)])
     model.compile(optimizer="sgd", loss="mse")

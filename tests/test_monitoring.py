@@ -19,7 +19,7 @@ TRAIN = """
 import csv, json, sys
 import keras, numpy as np
 from keras_bptt import MemoryBudgetRNN
-from keras_bptt.callbacks import BudgetMonitor
+from keras_bptt.monitoring.callbacks import BudgetMonitor
 
 log_dir, budget = sys.argv[1], json.loads(sys.argv[2])
 length, batches, epochs = {length}, {batches}, {epochs}
@@ -96,7 +96,7 @@ def test_counters_equal_the_plan_for_every_batch(runs):
     backward = _series(events, "rnn/measured/backward_steps")
     batches = BATCHES * EPOCHS
     assert len(forward) == len(recomputed) == len(backward) == batches
-    # Totals over the batches: the plan's cost (+1, see keras_bptt.program).
+    # Totals over the batches: the plan's cost (+1, see keras_bptt.execution.program).
     assert int(np.sum(forward) + np.sum(recomputed)) == batches * (result["cost"] + 1)
     assert int(np.sum(backward)) == batches * LENGTH
     assert _series(events, "rnn/measured/peak_stored_slots") == _series(

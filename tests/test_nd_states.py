@@ -17,11 +17,11 @@ import tensorflow as tf
 from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
 
 from keras_bptt import MemoryBudgetRNN
-from keras_bptt import cell_memory
-from keras_bptt import internal_states
-from keras_bptt import steps as steps_lib
-from keras_bptt.layer import _check_initial_state
-from keras_bptt.layer import _flat_state_sizes
+from keras_bptt.execution import cell_memory
+from keras_bptt.execution import internal_states
+from keras_bptt.execution import steps as steps_lib
+from keras_bptt.layers.rnn import _check_initial_state
+from keras_bptt.layers.rnn import _flat_state_sizes
 from rnn_testing import assert_same_results
 from rnn_testing import make_pair
 from rnn_testing import outputs_and_gradients

@@ -1,7 +1,7 @@
 """The planner: optimal costs, plan validity, caching, budgets and speed.
 
 Costs are checked three independent ways: against the paper-notes reference
-values, against an exhaustive search over schedules (`keras_bptt.brute_force`)
+values, against an exhaustive search over schedules (`brute_force`)
 for t <= 7, and against a direct (slow) evaluation of the recursions below.
 """
 
@@ -16,8 +16,9 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from keras_bptt import _planner_msm, brute_force, planner, simulator
-from keras_bptt import plan as plan_lib
+import brute_force
+from keras_bptt.planning import _msm as _planner_msm, planner, simulator
+from keras_bptt.planning import plan as plan_lib
 
 DP_SCHEMES = ("hsm", "ism", "msm")
 
@@ -456,6 +457,6 @@ def test_long_hsm_plan_is_fast_and_consistent():
 
 
 def test_planner_does_not_import_tensorflow():
-    code = ("import keras_bptt.planner, keras_bptt.budget, keras_bptt.simulator, "
+    code = ("import keras_bptt.planning.planner, keras_bptt.planning.budget, keras_bptt.planning.simulator, "
             "keras_bptt.cli, sys; assert 'tensorflow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

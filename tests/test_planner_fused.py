@@ -1,8 +1,8 @@
-"""The fused-segment planner (`keras_bptt._planner_fused`) and its runs.
+"""The fused-segment planner (`keras_bptt.planning.fused`) and its runs.
 
 Times are checked three independent ways: against the paper's HSM values
 and today's `hsm`/`msm` planners in the cases that reduce to them, against
-an exhaustive search of the run model (`keras_bptt.brute_force.
+an exhaustive search of the run model (`brute_force.
 fused_optimal_time`) for small t, and against a direct memoised evaluation
 of the recursions below (no pruning, tiles or bounds) for t in the tens to
 hundreds. Every plan goes through both simulators.
@@ -16,9 +16,10 @@ import sys
 import numpy as np
 import pytest
 
-from keras_bptt import _planner_fused as fused
-from keras_bptt import brute_force, planner, simulator
-from keras_bptt import plan as plan_lib
+from keras_bptt.planning import fused
+import brute_force
+from keras_bptt.planning import planner, simulator
+from keras_bptt.planning import plan as plan_lib
 
 SegmentCosts = fused.SegmentCosts
 
@@ -562,7 +563,7 @@ def test_unlimited_memory_is_one_leaf_or_the_two_level_optimum():
 
 
 def test_fused_planner_does_not_import_tensorflow():
-    code = ("import keras_bptt._planner_fused, keras_bptt.brute_force, "
-            "keras_bptt.simulator, sys; "
+    code = ("import keras_bptt.planning.fused, "
+            "keras_bptt.planning.simulator, sys; "
             "assert 'tensorflow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

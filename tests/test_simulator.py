@@ -5,8 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from keras_bptt import plan as plan_lib
-from keras_bptt import planner, simulator
+from keras_bptt.planning import plan as plan_lib
+from keras_bptt.planning import planner, simulator
 
 F, FSI, STORE, RESTORE, DROP, BACK, BACK_I, RESTORE_I = (
     plan_lib.FORWARD, plan_lib.FORWARD_STORE_INTERNAL, plan_lib.STORE_HIDDEN,

@@ -8,13 +8,13 @@ Python/NumPy: importing it never imports TensorFlow (tested).
 Time model
 ----------
 Layer i runs `t_i` steps; one forward step of its cell costs `w_i` (any
-unit common to all layers; `keras_bptt.model_budget` uses the number of
+unit common to all layers; `keras_bptt.layers.model_budget` uses the number of
 scalar weights of the cell, i.e. its multiply-adds per sample and step,
 which is what a step's time is proportional to for dense cells), and a
 step's backward operation costs `b` forward steps (`backward_ratio`, the
 same for every layer; 2 by default, as the planner's). With `c_i(m)` the
 cost of the layer's plan with `m` slots (forward operations, first sweep
-included: `keras_bptt.planner.plan_cost`), a training step of the layer
+included: `keras_bptt.planning.planner.plan_cost`), a training step of the layer
 takes
 
     time_i(m) = w_i * (c_i(m) + b * t_i),
@@ -29,7 +29,7 @@ Memory model
 A slot of layer i (one hidden state, the mask's carried output included,
 for the whole batch) takes `slot_bytes_i` bytes; its share of the budget
 buys `share_i / slot_bytes_i` slots, as a layer with a byte budget
-converts it (`keras_bptt.budget.Budget.to_slots`). The split requires
+converts it (`keras_bptt.planning.budget.Budget.to_slots`). The split requires
 `sum_i share_i <= total`.
 
 The split
@@ -68,7 +68,7 @@ import math
 
 import numpy as np
 
-from keras_bptt import planner
+from keras_bptt.planning import planner
 
 DEFAULT_BACKWARD_RATIO = 2.0
 DEFAULT_MAX_CANDIDATES = 64
@@ -440,3 +440,8 @@ def brute_force_split(profiles, total_bytes, max_candidates=DEFAULT_MAX_CANDIDAT
 def weighted_cost(profiles, split):
     """`sum_i w_i * c_i` of a split: what `split_budget` minimises."""
     return sum(p.step_cost * s.cost for p, s in zip(profiles, split.shares))
+
+
+def clear_caches():
+    """Forgets the memoized layer plan costs (`keras_bptt.clear_caches`)."""
+    _plan_cost.cache_clear()

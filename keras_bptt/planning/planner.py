@@ -6,10 +6,10 @@ Implements the dynamic programs of
     Memory-Efficient Backpropagation Through Time
     NIPS 2016, https://arxiv.org/abs/1606.03401
 
-and the baselines they are compared with, all as `keras_bptt.plan.Plan`s that
-any executor (the reference `keras_bptt.simulator`, the TensorFlow executor)
+and the baselines they are compared with, all as `keras_bptt.planning.plan.Plan`s that
+any executor (the reference `keras_bptt.planning.simulator`, the TensorFlow executor)
 runs op by op. Conventions (memory in hidden-state slots with h_0 counted,
-cost = forward ops including the first sweep) are those of `keras_bptt.plan`.
+cost = forward ops including the first sweep) are those of `keras_bptt.planning.plan`.
 
 Schemes:
 
@@ -18,9 +18,9 @@ Schemes:
 * `ism` -- store internal states only, optimal: `Q(t, m)` in closed form.
 * `msm` -- at every split choose hidden or internal storage, optimal:
   `R(t, m) <= min(C, Q)`, a table on the strip where no closed form applies
-  (`keras_bptt._planner_msm`).
+  (`keras_bptt.planning._msm`).
 * `msm_early` -- MSM where a sub-problem's start state may be released before
-  the sub-problem ends (beyond the paper, `keras_bptt._planner_early_release`):
+  the sub-problem ends (beyond the paper, `keras_bptt.planning._early_release`):
   `A(t, m) <= R(t, m)`, for example 627 forward ops instead of 644 at t=200,
   m=10, alpha=2.
 * `store_all` -- standard BPTT: cost t, memory `1 + (t-1) alpha`.
@@ -61,7 +61,7 @@ Known limitations:
   early, sometimes inside the forward sweep (`DROP_HIDDEN` there).
 * `auto` skips `msm_early` when its tables would take more than
   `EARLY_RELEASE_AUTO_WORK_LIMIT` split evaluations (`estimated_work` of
-  `keras_bptt._planner_early_release`: about 0.3 s of filling on a 2-core
+  `keras_bptt.planning._early_release`: about 0.3 s of filling on a 2-core
   machine). `auto` plans every new (t, budget), and early release saves at
   most a few percent of the forward ops (1949 instead of 1950 at t=1000,
   m=150, alpha=3; 2348 instead of 2368 at m=60), which does not pay for
@@ -85,11 +85,11 @@ import math
 import numbers
 import warnings
 
-from keras_bptt import _planner_closed_form as closed_form
-from keras_bptt import _planner_early_release as early_release
-from keras_bptt import _planner_msm as msm
-from keras_bptt import _planner_schedule as schedule
-from keras_bptt import plan as plan_lib
+from keras_bptt.planning import _closed_form as closed_form
+from keras_bptt.planning import _early_release as early_release
+from keras_bptt.planning import _msm as msm
+from keras_bptt.planning import schedule
+from keras_bptt.planning import plan as plan_lib
 
 SCHEMES = (
     "msm",
@@ -172,7 +172,7 @@ def make_plan(length, memory, scheme="msm", alpha=1.0, **options):
             (float, default 2.0: backward/forward time of one step).
 
     Returns:
-        A `keras_bptt.plan.Plan`. Plans are cached: the same arguments return
+        A `keras_bptt.planning.plan.Plan`. Plans are cached: the same arguments return
         the same object (`"auto"` returns the chosen scheme's plan).
 
     Raises:
@@ -598,3 +598,8 @@ def _budget_too_small(scheme, length, memory, alpha, needed):
         f"that works is {needed:g} slot{'' if needed == 1 else 's'} (h_0 "
         "included)."
     )
+
+
+def clear_caches():
+    """Forgets the cached plans (`keras_bptt.clear_caches`)."""
+    _cached_plan.cache_clear()

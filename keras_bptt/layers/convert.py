@@ -12,7 +12,7 @@ replaced by its budgeted equivalent (`keras_bptt.LSTM`, `GRU`,
 weights, so the same outputs. Layers that are already budgeted get the new
 budget. The model's budget is one budget for all its recurrent layers,
 split across them for the smallest predicted time
-(`keras_bptt.budget_split`).
+(`keras_bptt.planning.budget_split`).
 
 Known limitations:
 
@@ -33,12 +33,12 @@ import warnings
 
 import keras
 
-from keras_bptt import budget as budget_lib
-from keras_bptt import budget_split
-from keras_bptt import keras_layers
-from keras_bptt import model_budget
-from keras_bptt.layer import LAYER_SCHEMES
-from keras_bptt.layer import MemoryBudgetRNN
+from keras_bptt.planning import budget as budget_lib
+from keras_bptt.planning import budget_split
+from keras_bptt.layers import keras_layers
+from keras_bptt.layers import model_budget
+from keras_bptt.layers.rnn import LAYER_SCHEMES
+from keras_bptt.layers.rnn import MemoryBudgetRNN
 
 _KERAS_TO_BUDGETED = {
     keras.layers.LSTM: keras_layers.LSTM,
@@ -245,7 +245,7 @@ def with_memory_budget(
     Args:
         model: A built Sequential or Functional model.
         memory_budget: One budget for all the recurrent layers together:
-            - bytes (`"256MB"`, `"1.5GiB"`, `keras_bptt.budget.Bytes(n)`),
+            - bytes (`"256MB"`, `"1.5GiB"`, `keras_bptt.planning.budget.Bytes(n)`),
               per replica, for the batch size `batch_size`;
             - a fraction of what standard BPTT keeps for all the recurrent
               layers together (`0.05`, `"5%"`);
@@ -254,7 +254,7 @@ def with_memory_budget(
               in size between layers, so they are not pooled).
             Bytes and fractions are split across the layers (each direction
             of a `Bidirectional` is one) for the smallest predicted time
-            (`keras_bptt.budget_split`); each layer keeps its share (bytes,
+            (`keras_bptt.planning.budget_split`); each layer keeps its share (bytes,
             or the slots of its fraction share) in its config. With a
             single recurrent layer the budget is passed on as it is.
         scheme: Every converted layer's scheme (`"auto"` by default).

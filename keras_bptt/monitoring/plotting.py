@@ -20,8 +20,8 @@ import math
 
 import numpy as np
 
-from keras_bptt import plan as plan_lib
-from keras_bptt import planner
+from keras_bptt.planning import plan as plan_lib
+from keras_bptt.planning import planner
 
 MAX_SCHEDULE_OPS = 200_000
 _BUDGET_SCHEMES = ("msm", "msm_early", "hsm", "ism", "bisection")
@@ -141,7 +141,7 @@ def plot_schedule(path, plan):
 
     Args:
         path: Output file name.
-        plan: A `keras_bptt.plan.Plan`.
+        plan: A `keras_bptt.planning.plan.Plan`.
 
     Example:
 

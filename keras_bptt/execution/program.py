@@ -1,6 +1,6 @@
 """Lowering a `Plan` to the program the TensorFlow executor runs.
 
-A `Plan` (see `keras_bptt.plan`) is written in the cost model of Gruslys et
+A `Plan` (see `keras_bptt.planning.plan`) is written in the cost model of Gruslys et
 al. (NIPS 2016): a step's backward operation consumes the *transient* internal
 state left by the forward operation just before it. TensorFlow cannot hand
 activations from one `tf.while_loop` iteration to a later gradient
@@ -47,8 +47,8 @@ import functools
 
 import numpy as np
 
-from keras_bptt import plan as plan_lib
-from keras_bptt import planner
+from keras_bptt.planning import plan as plan_lib
+from keras_bptt.planning import planner
 
 EXEC_NOP = 0
 EXEC_FORWARD = 1
@@ -271,7 +271,7 @@ def compile_program(plan):
     """Lowers a hidden-state plan to a `Program` for the TensorFlow executor.
 
     Args:
-        plan: A `keras_bptt.plan.Plan`.
+        plan: A `keras_bptt.planning.plan.Plan`.
 
     Returns:
         A `Program`.
@@ -335,7 +335,7 @@ def program_for(
     Args:
         length: Sequence length t.
         batch_size: Batch size (turns per-sample state bytes into bytes).
-        budget: A `keras_bptt.budget.Budget`.
+        budget: A `keras_bptt.planning.budget.Budget`.
         scheme: Planner scheme name, or `"auto"`.
         state_bytes: Bytes of one sample's hidden state.
         alpha: Internal/hidden size ratio.
@@ -356,3 +356,8 @@ def program_for(
         compile_program(plan), plan_cost=plan.cost, budget_slots=float(slots)
     )
     return plan, program
+
+
+def clear_caches():
+    """Forgets the compiled programs (`keras_bptt.clear_caches`)."""
+    program_for.cache_clear()

@@ -4,7 +4,7 @@ The simulator interprets `Plan.ops` one op at a time in the cost model of
 Gruslys et al., "Memory-Efficient Backpropagation Through Time" (NIPS 2016),
 tracking *which* state every slot and the register hold rather than any
 values. It is the executable definition of the op semantics documented in
-`keras_bptt.plan`, and what the tests run every emitted plan through.
+`keras_bptt.planning.plan`, and what the tests run every emitted plan through.
 
 It checks that:
 
@@ -25,7 +25,7 @@ It checks that:
   numbers of items stored at once.
 
 `simulate_runs` does the same for the run level of a fused-segment plan
-(`keras_bptt._planner_fused.FusedPlan.runs`): the runs' register, slots and
+(`keras_bptt.planning.fused.FusedPlan.runs`): the runs' register, slots and
 order, their memory in the run model (a leaf's and a kept segment's reserve
 included) and the plan's predicted time, steps and calls.
 
@@ -39,8 +39,8 @@ import dataclasses
 
 import numpy as np
 
-from keras_bptt import _planner_fused as fused_lib
-from keras_bptt import plan as plan_lib
+from keras_bptt.planning import fused as fused_lib
+from keras_bptt.planning import plan as plan_lib
 
 _FORWARD_SWEEP_OPCODES = frozenset(
     (plan_lib.FORWARD, plan_lib.FORWARD_STORE_INTERNAL, plan_lib.STORE_HIDDEN,
@@ -179,7 +179,7 @@ def simulate(plan):
     """Runs `plan` abstractly and checks it (see the module docstring).
 
     Args:
-        plan: A `keras_bptt.plan.Plan`.
+        plan: A `keras_bptt.planning.plan.Plan`.
 
     Returns:
         A `SimulationResult`.
@@ -347,7 +347,7 @@ class RunSimulationResult:
 def simulate_runs(plan):
     """Runs a fused plan's runs abstractly and checks them.
 
-    The run semantics are those of `keras_bptt._planner_fused` (its module
+    The run semantics are those of `keras_bptt.planning.fused` (its module
     docstring): the register must hold the start state of every forward
     run; a `CONTINUE` must follow an `ADVANCE` or `CONTINUE` with only
     stores in between (and `chained_advances`); a `LEAF` and a
@@ -361,7 +361,7 @@ def simulate_runs(plan):
     steps, calls, peak and slot counts are what it predicts.
 
     Args:
-        plan: A `keras_bptt._planner_fused.FusedPlan`.
+        plan: A `keras_bptt.planning.fused.FusedPlan`.
 
     Returns:
         A `RunSimulationResult`.

@@ -13,7 +13,7 @@ A budget says how much the backward pass may store, in one of four forms:
 `parse_budget` turns any of these into a `Budget`; `Budget.to_slots` turns a
 budget into the slot count the planner takes, for one sequence length and
 state size. The memory model is that of Gruslys et al., "Memory-Efficient
-Backpropagation Through Time" (NIPS 2016), see `keras_bptt.plan`.
+Backpropagation Through Time" (NIPS 2016), see `keras_bptt.planning.plan`.
 
 Known limitations:
 
@@ -28,7 +28,7 @@ import math
 import numbers
 import re
 
-from keras_bptt import planner
+from keras_bptt.planning import planner
 
 ACCEPTED_FORMS = (
     "an int number of slots (h_0 included, >= 1), a float fraction of "

@@ -1,6 +1,6 @@
 """Implements mixed-storage BPTT planning where start states are released early.
 
-(Scheme `"msm_early"` of `keras_bptt.planner`.)
+(Scheme `"msm_early"` of `keras_bptt.planning.planner`.)
 
 The storage model is that of
 
@@ -12,12 +12,12 @@ whose mixed storage policy (MSM) chooses, at every split, to store a hidden
 state h_y (one unit) or an internal state s_y (alpha units) and keeps every
 stored item until its sub-problem ends. This module drops that last rule for
 the start state of a sub-problem. In the model of
-`keras_bptt.brute_force.optimal_cost(..., early_release=True)`, where any
+`brute_force.optimal_cost(..., early_release=True)`, where any
 stored item may be dropped at any time, its plans are optimal when an
 internal state is no smaller than a hidden state (checked against that
 search in tests/test_early_release.py, on grids of 1 and 1/2 slot).
 Conventions (memory in hidden-state units with h_0 counted, cost = forward ops
-including the first sweep) are those of `keras_bptt.plan` and
+including the first sweep) are those of `keras_bptt.planning.plan` and
 /work/shared/paper-notes.md ("Beyond the paper").
 
 Early release
@@ -40,7 +40,7 @@ backpropagated from s_{s+1} at the end.
 Recursions
 ----------
 Memory is counted in integer units: a hidden state takes `h` units (1 in the
-paper; `keras_bptt.planner` may plan on a finer grid, h = g units of 1/g
+paper; `keras_bptt.planning.planner` may plan on a finer grid, h = g units of 1/g
 slot, like `msm`), an internal state `alpha` units. `m` counts the
 sub-problem's start as h units (as the paper's R(t, m) counts it as one);
 `m >= h`. `B(n, m)`: start held to the end (non-releasable); `A(n, m)`:
@@ -71,7 +71,7 @@ released) internal states at most can be stored by the first sweep and still
 be held when the last step is backpropagated; every other step but the last
 is forwarded again, so `B(n, m) >= max(n, 2n - 1 - kB(m))` and
 `A(n, m) >= max(n, 2n - 1 - kA(m))`. B <= R = Q attains its bound where ISM
-does (`kB(m) >= certified_internal_slots(n)`, `keras_bptt._planner_msm`), and
+does (`kB(m) >= certified_internal_slots(n)`, `keras_bptt.planning._msm`), and
 A attains its bound where the release reaches a certified B (`m >= alpha`,
 `kA(m) - 1 >= certified_internal_slots(n - 1)`) or where B does with
 `kA(m) = kB(m)`. With no room for an internal state (B: `m < h + alpha`,
@@ -88,7 +88,7 @@ those four branches); `EarlyReleaseTable.cost`
 reads A/B or their closed forms; `EarlyReleaseTable.split` finds an optimal
 first action of A/B (closed-form actions where certified, else
 `_table_split` scans the recursion's branches) for
-`keras_bptt._planner_schedule.emit_ops(..., early_release=True)`, which
+`keras_bptt.planning.schedule.emit_ops(..., early_release=True)`, which
 emits the plan (a release is `[RESTORE h_s,] DROP_HIDDEN h_s` followed by
 `FORWARD_STORE_INTERNAL s+1`).
 
@@ -96,15 +96,15 @@ Known limitations
 -----------------
 * Plans may drop hidden states inside the forward sweep (the release of h_0,
   or of a hidden state stored on the initial path, right after its store);
-  executors must support that (`keras_bptt.program.Program.forward_release`).
-* Integer units: `keras_bptt.planner` discretises memory and alpha (its
+  executors must support that (`keras_bptt.execution.program.Program.forward_release`).
+* Integer units: `keras_bptt.planning.planner` discretises memory and alpha (its
   `_dp_grid` and `_dp_units`, shared with `msm`); the plan's peak is
   reported with the real alpha and never exceeds the budget.
 * The table fill costs up to about `t^2 alpha sqrt(t)` operations for budgets
   just below the closed-form strip, times h on a finer grid, plus a fixed
   cost per row (`estimated_work`), about twice `msm`'s (four split branches
   instead of two); `auto` skips this scheme above
-  `keras_bptt.planner.EARLY_RELEASE_AUTO_WORK_LIMIT`. The tables take
+  `keras_bptt.planning.planner.EARLY_RELEASE_AUTO_WORK_LIMIT`. The tables take
   `4 * (width + 1) * (t + 1)` integers.
 * Ties between branches are broken towards not storing, then hidden, then
   internal splits, then release, so a plan releases only when that is
@@ -118,9 +118,9 @@ import collections
 
 import numpy as np
 
-from keras_bptt import _planner_closed_form as closed_form
-from keras_bptt import _planner_msm as msm
-from keras_bptt import _planner_schedule as schedule
+from keras_bptt.planning import _closed_form as closed_form
+from keras_bptt.planning import _msm as msm
+from keras_bptt.planning import schedule
 
 _COLUMN_GROUP = 64
 _ROW_WORK = 65_000  # a row's fixed cost (about 65 us) in split evaluations
@@ -234,7 +234,7 @@ class EarlyReleaseTable:
     def split(self, length, memory, releasable):
         """An optimal first action at (t, m): `(HIDDEN | INTERNAL | RELEASE, y)`.
 
-        A policy for `keras_bptt._planner_schedule.emit_ops` with
+        A policy for `keras_bptt.planning.schedule.emit_ops` with
         `early_release=True`; `(INTERNAL, t)` stores nothing.
         """
         n, m, alpha, hidden = length, memory, self.alpha, self.hidden
@@ -394,3 +394,8 @@ def _best_split(best, columns, n, left, internal, right, shift, bound_offset,
         best[group] = np.where(better, found, best[group])
         guess[m0:m1] = np.where(better, argmin + 1, guess[m0:m1])
     return best
+
+
+def clear_caches():
+    """Forgets the shared early-release tables (`keras_bptt.clear_caches`)."""
+    _RECENT_TABLES.clear()

@@ -1,7 +1,7 @@
 """Implements launch-aware BPTT planning for fused segments of steps.
 
 (Schemes `"fused_hsm"` and `"fused_msm"`; not wired into
-`keras_bptt.planner`, the layer or the executor.)
+`keras_bptt.planning.planner`, the layer or the executor.)
 
 The storage model is that of
 
@@ -19,7 +19,7 @@ zero on a CPU. This module plans with that cost, so a plan is a tree of
 Model
 -----
 Steps are numbered 1..t, h_i is the hidden state after step i, memory is
-counted in hidden-state units with h_0 occupying one (`keras_bptt.plan`).
+counted in hidden-state units with h_0 occupying one (`keras_bptt.planning.plan`).
 `SegmentCosts` holds the parameters: `A_f`, `f` (forward call and step
 time), `A_b`, `b` (backward) and `r`, the reserve one step of a training
 forward keeps for its backward (cuDNN's reserve space per step divided by
@@ -96,7 +96,7 @@ and segments of one step (`max_segment=1`) C is the paper's HSM cost; with
 `SegmentCosts.step_loop(alpha)` (`A = 0`, r = alpha, the step-loop
 conventions) `internal=True` gives the paper's MSM cost R(t, m), leaves only
 lie between R and HSM; and both equal an exhaustive search of the run model
-(`keras_bptt.brute_force.fused_optimal_time`) for small t, with and without
+(`brute_force.fused_optimal_time`) for small t, with and without
 call costs (tests/test_planner_fused.py).
 
 Memory grid
@@ -137,8 +137,8 @@ other cells:
 
 Plans are backtracked from the tables (`_FusedTable.action` for C and Cc,
 `_FusedTable.segment_action` for E) and emitted as runs (`_emit_runs`),
-then expanded to a step-level `keras_bptt.plan.Plan` (`_expand_runs`) that
-`keras_bptt.simulator.simulate` checks; `keras_bptt.simulator.simulate_runs`
+then expanded to a step-level `keras_bptt.planning.plan.Plan` (`_expand_runs`) that
+`keras_bptt.planning.simulator.simulate` checks; `keras_bptt.planning.simulator.simulate_runs`
 checks the runs themselves (run-level memory, order, time, calls).
 
 What the plans look like
@@ -188,8 +188,8 @@ import numbers
 
 import numpy as np
 
-from keras_bptt import _planner_schedule as schedule
-from keras_bptt import plan as plan_lib
+from keras_bptt.planning import schedule
+from keras_bptt.planning import plan as plan_lib
 
 SCHEMES = ("fused_hsm", "fused_msm")
 
@@ -340,7 +340,7 @@ class FusedPlan:
         hidden_slots, reserve_slots: Buffers an executor needs.
         grid: Memory units per slot the plan was made on.
         runs: `int32` array `(n, 4)` of `(opcode, start, length, slot)`.
-        plan: The same schedule as a step-level `keras_bptt.plan.Plan`
+        plan: The same schedule as a step-level `keras_bptt.planning.plan.Plan`
             (alpha = r).
     """
 
@@ -469,7 +469,7 @@ def predicted_time(plan, costs):
     """Predicted time of a plan under `costs`.
 
     A `FusedPlan`: the sum of its runs' times. A step-level
-    `keras_bptt.plan.Plan`: today's executor, one call per forward op and
+    `keras_bptt.planning.plan.Plan`: today's executor, one call per forward op and
     per backward op (`cost * (A_f + f) + t * (A_b + b)`).
 
     Example (the step-level HSM optimum run one step per call on a GPU):
@@ -1115,7 +1115,7 @@ def _run_statistics(runs, costs):
 
 
 def _expand_runs(runs):
-    """Run rows -> step-level `(opcode, step, slot)` op rows (`keras_bptt.plan`).
+    """Run rows -> step-level `(opcode, step, slot)` op rows (`keras_bptt.planning.plan`).
 
     A leaf keeps the internal states of all its steps but the last, which
     is backpropagated right after its forward; a kept segment keeps all of
@@ -1159,3 +1159,9 @@ def _expand_runs(runs):
         else:
             raise AssertionError(f"unknown run opcode {opcode}")
     return np.asarray(ops, dtype=np.int32).reshape(-1, 3)
+
+
+def clear_caches():
+    """Forgets the cached fused plans and DP tables (`keras_bptt.clear_caches`)."""
+    _cached_plan.cache_clear()
+    _cached_table.cache_clear()

@@ -1,4 +1,6 @@
-"""Shared test configuration: a known environment, Keras on TensorFlow.
+"""Test configuration for `tests/` and the package's docstring examples.
+
+A known environment, Keras on TensorFlow.
 
 The tests must not depend on the caller's environment. Variables that change
 what TensorFlow or the package does are set or removed here, before anything

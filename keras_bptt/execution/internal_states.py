@@ -81,7 +81,7 @@ Two generic ways to get internal states for any cell were considered:
    be parked in a `TensorArray` slot and replayed out of order, and a tape
    cannot be kept per stored step inside a `tf.while_loop`.
 2. Find, by tracing the step's gradient, which forward tensors the backward
-   graph consumes (`keras_bptt.cell_memory` does this to estimate alpha) and
+   graph consumes (`keras_bptt.execution.cell_memory` does this to estimate alpha) and
    rewrite the gradient graph to take them as inputs. That needs graph
    surgery on TensorFlow internals that change between releases, and the
    consumed set holds duplicates (the same tensor before and after a cast or
@@ -108,7 +108,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_bptt import cell_memory
+from keras_bptt.execution import cell_memory
 
 PROTOCOL_METHOD = "memory_budget_internal_step"
 

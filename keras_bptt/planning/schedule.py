@@ -13,7 +13,7 @@ state h_s is stored, with `memory` units), it picks one action:
 * `(INTERNAL, n)`: store nothing: forward to s+n, backpropagate it, solve
   s+1..s+n-1 with the same memory (the recursions' `t + X(t-1, m)` branch).
 
-With early release (scheme `msm_early`, `keras_bptt._planner_early_release`)
+With early release (scheme `msm_early`, `keras_bptt.planning._early_release`)
 a sub-problem's start state may be dropped before the sub-problem ends. A
 start is *releasable* when nothing outside the sub-problem needs it: h_0 at
 the root, the right part of a `HIDDEN` split, and the left part of a
@@ -38,7 +38,7 @@ import array
 
 import numpy as np
 
-from keras_bptt import plan as plan_lib
+from keras_bptt.planning import plan as plan_lib
 
 HIDDEN = 0
 INTERNAL = 1

@@ -47,7 +47,7 @@ class ExecutionStats:
         fused: Dict of `tf.Variable`s named after `FUSED_COUNTERS`: the fused
             kernel calls of the last backward pass, forward and backward, and
             the steps they evaluated (zero on the per-step path), counted by
-            `keras_bptt.fused_executor`.
+            `keras_bptt.execution.fused_interpreter`.
 
     Example:
 

@@ -1,9 +1,9 @@
 """Executor of fused plans: a recurrence run as calls over segments of steps.
 
-Interprets a `keras_bptt._planner_fused.FusedPlan` (leaves only,
-`"fused_hsm"`) with a segment kernel of `keras_bptt.fused`. One
+Interprets a `keras_bptt.planning.fused.FusedPlan` (leaves only,
+`"fused_hsm"`) with a segment kernel of `keras_bptt.execution.fused_kernels`. One
 `tf.custom_gradient` function wraps the recurrence, as in
-`keras_bptt.executor`:
+`keras_bptt.execution.interpreter`:
 
 * Its forward pass runs the plan's first sweep -- the runs before its first
   `LEAF`: `ADVANCE` calls that store their end states in hidden-state slots
@@ -26,11 +26,11 @@ Cost: the plan's runs, plus one forward call over the first leaf (its
 outputs are produced in the forward pass, its reserve in the gradient
 function: a custom gradient cannot carry the reserve across).
 
-Limitations (the layer falls back to `keras_bptt.executor`, with identical
+Limitations (the layer falls back to `keras_bptt.execution.interpreter`, with identical
 results, in each case):
 
 * the sequence length must be known when tracing (the plan is a constant);
-* no masks, no dropout (see `keras_bptt.fused.fusion_problem`);
+* no masks, no dropout (see `keras_bptt.execution.fused_kernels.fusion_problem`);
 * plans with kept segments (`"fused_msm"`) and chained advances are not
   executed: `run_fused_recurrence` rejects them.
 """
@@ -41,8 +41,8 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from keras_bptt import _planner_fused as planner_fused
-from keras_bptt import executor as executor_lib
+from keras_bptt.planning import fused as planner_fused
+from keras_bptt.execution import interpreter as executor_lib
 
 _COUNTER = tf.int64
 # The run opcodes this executor interprets, and each one's branch index.
@@ -168,7 +168,7 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
     """Runs a recurrence of fused segment calls that follows `fused_plan`.
 
     Args:
-        kernel: A segment kernel (`keras_bptt.fused.BlockLSTMKernel`, ...).
+        kernel: A segment kernel (`keras_bptt.execution.fused_kernels.BlockLSTMKernel`, ...).
         inputs: `[batch, t, features]`, t static and equal to the plan's.
         initial_states: The cell's states, a flat list of `[batch, units]`.
         fused_plan: A leaves-only `FusedPlan` for t.

@@ -2,13 +2,13 @@
 
 `recurrent_layers(model)` finds the recurrent layers of a Keras model
 (inside `Bidirectional` wrappers and nested models too), `layer_profile`
-measures what the budget split (`keras_bptt.budget_split`) needs to know of
+measures what the budget split (`keras_bptt.planning.budget_split`) needs to know of
 each -- sequence length, bytes of a slot, alpha, per-step cost -- the way
 `MemoryBudgetRNN.inner_loop` measures them when it plans, and
 `summary(model)` prints, per budgeted layer, the plan its budget buys and,
 for the model, the total against standard BPTT.
 
-Per-step cost (the time model's `w_i`, see `keras_bptt.budget_split`): the
+Per-step cost (the time model's `w_i`, see `keras_bptt.planning.budget_split`): the
 number of scalar weights of the layer's cell, i.e. the multiply-adds of one
 step per sample for dense cells (an `LSTMCell(u)` on f features: `4u(f + u
 + 1)`); a cell without weights counts its state's elements.
@@ -32,13 +32,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_bptt import budget_split
-from keras_bptt import cell_memory
-from keras_bptt import internal_states
-from keras_bptt import planner
-from keras_bptt import steps as steps_lib
-from keras_bptt.layer import MemoryBudgetRNN
-from keras_bptt.layer import _stores_internal_states
+from keras_bptt.planning import budget_split
+from keras_bptt.execution import cell_memory
+from keras_bptt.execution import internal_states
+from keras_bptt.planning import planner
+from keras_bptt.execution import steps as steps_lib
+from keras_bptt.layers.rnn import MemoryBudgetRNN
+from keras_bptt.layers.rnn import _stores_internal_states
 
 DEFAULT_BACKWARD_RATIO = budget_split.DEFAULT_BACKWARD_RATIO
 
@@ -457,7 +457,7 @@ def summary(model, *, batch_size=None, backward_ratio=DEFAULT_BACKWARD_RATIO,
     `(cost/t + b)/(1 + b)`. Then the model's total stored bytes against
     standard BPTT's, and its predicted time (layers weighted by their
     standard time, t times the cell's weights per step; see
-    `keras_bptt.budget_split`). These are the plans the layers will make:
+    `keras_bptt.planning.budget_split`). These are the plans the layers will make:
     the same `planner.make_plan` calls, cached for them.
 
     Args:

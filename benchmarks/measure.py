@@ -6,12 +6,14 @@ the while-loop accumulators included, only when `TF_CPU_ALLOCATOR_USE_BFC`
 is `true` before TensorFlow is imported; allocator caching also makes
 absolute figures depend on what ran before. Each configuration is therefore
 measured in a fresh subprocess: `measure_in_subprocess(...)` runs
-`python -m keras_bptt.measure` with the environment set.
+this file (`python benchmarks/measure.py`) with the environment set.
 
 Example:
 
 ```python
-from keras_bptt.measure import measure_in_subprocess
+import sys
+sys.path.insert(0, "benchmarks")  # or run from benchmarks/
+from measure import measure_in_subprocess
 
 result = measure_in_subprocess(layer="budget", length=1000, memory_budget="5%")
 print(result["step_peak_bytes"], result["step_seconds"])
@@ -20,7 +22,7 @@ print(result["step_peak_bytes"], result["step_seconds"])
 Command line:
 
 ```
-python -m keras_bptt.measure --layer budget --length 1000 --memory-budget 5%
+python benchmarks/measure.py --layer budget --length 1000 --memory-budget 5%
 ```
 """
 
@@ -218,7 +220,7 @@ def measure_in_subprocess(timeout=1800, **config):
     env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("KERAS_BACKEND", "tensorflow")
-    command = [sys.executable, "-m", "keras_bptt.measure", "--json", json.dumps(config)]
+    command = [sys.executable, __file__, "--json", json.dumps(config)]
     completed = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -231,7 +233,7 @@ def measure_in_subprocess(timeout=1800, **config):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m keras_bptt.measure",
+        prog="python benchmarks/measure.py",
         description="Peak memory and time of one LSTM training step.",
     )
     parser.add_argument("--json", help="All settings as one JSON object.")

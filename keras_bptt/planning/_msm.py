@@ -11,7 +11,7 @@ Implements the "mixed storage" recursion of
                    min_y [y + R(t-y, m-alpha) + R(y-1, m)] )  # store s_y
 
 Memory is counted in integer *units*: a hidden state takes `hidden` units
-(1 in the paper; `keras_bptt.planner` uses a finer grid, `hidden = g` units
+(1 in the paper; `keras_bptt.planning.planner` uses a finer grid, `hidden = g` units
 of 1/g slot each, so that a non-integer alpha is rounded up to a multiple of
 1/g instead of to an integer) and an internal state `alpha` units. Below,
 "m - 1" reads "m - hidden", and "1 + alpha" "hidden + alpha"; `k(m) =
@@ -46,7 +46,7 @@ Known limitations:
   slot multiplies columns, time and memory by about g. `estimated_work`
   predicts it so the planner can refuse tables that would take more than a
   few seconds.
-* alpha and hidden must be integers here (`keras_bptt.planner` rounds alpha
+* alpha and hidden must be integers here (`keras_bptt.planning.planner` rounds alpha
   up to its grid).
 """
 
@@ -54,7 +54,7 @@ import collections
 
 import numpy as np
 
-from keras_bptt import _planner_closed_form as closed_form
+from keras_bptt.planning import _closed_form as closed_form
 
 HIDDEN = 0
 INTERNAL = 1
@@ -274,3 +274,8 @@ def _fill_row(table, left_hidden, left_internal, n, columns, alpha, hidden,
             best[group] = np.where(better, found, best[group])
             guess[m0:m1] = np.where(better, argmin + 1, guess[m0:m1])
     return best
+
+
+def clear_caches():
+    """Forgets the shared MSM tables (`keras_bptt.clear_caches`)."""
+    _RECENT_TABLES.clear()

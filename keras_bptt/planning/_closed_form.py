@@ -40,7 +40,7 @@ above it: `y` in `[max(N_L(v-1), t - N_G(v)), min(N_L(v), t - N_G(v-1))]`.
 Known limitations:
 
 * Memory is in whole units: callers pass integer slot counts (`m` for HSM,
-  `k` for ISM); `keras_bptt.planner` does the rounding.
+  `k` for ISM); `keras_bptt.planning.planner` does the rounding.
 """
 
 import bisect
@@ -171,6 +171,12 @@ def ism_saturation_length(internal_slots):
     Every step but the last one kept in the first sweep is recomputed at least
     once, so no schedule of any scheme costs less than
     `max(t, 2t - 1 - k)` with k internal slots; ISM reaches that bound up to
-    this length (`keras_bptt._planner_msm` uses it to skip its table).
+    this length (`keras_bptt.planning._msm` uses it to skip its table).
     """
     return _ism_counts(internal_slots)(2)
+
+
+def clear_caches():
+    """Forgets the memoized marginal-count sequences (`keras_bptt.clear_caches`)."""
+    _hsm_counts.cache_clear()
+    _ism_counts.cache_clear()

@@ -8,18 +8,18 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import record
 
-from keras_bptt import budget as budget_lib
-from keras_bptt import cell_memory
-from keras_bptt import _planner_fused as planner_fused
-from keras_bptt import execution_stats
-from keras_bptt import executor
-from keras_bptt import fused as fused_lib
-from keras_bptt import fused_executor
-from keras_bptt import internal_states
-from keras_bptt import metrics as metrics_lib
-from keras_bptt import planner
-from keras_bptt import program as program_lib
-from keras_bptt import steps as steps_lib
+from keras_bptt.planning import budget as budget_lib
+from keras_bptt.execution import cell_memory
+from keras_bptt.planning import fused as planner_fused
+from keras_bptt.execution import stats as execution_stats
+from keras_bptt.execution import interpreter as executor
+from keras_bptt.execution import fused_kernels as fused_lib
+from keras_bptt.execution import fused_interpreter as fused_executor
+from keras_bptt.execution import internal_states
+from keras_bptt.layers import metrics as metrics_lib
+from keras_bptt.planning import planner
+from keras_bptt.execution import program as program_lib
+from keras_bptt.execution import steps as steps_lib
 
 LAYER_SCHEMES = ("auto",) + planner.SCHEMES
 
@@ -164,7 +164,7 @@ def _segment_costs(costs):
         return planner_fused.SegmentCosts(**costs)
     raise ValueError(
         f"segment_costs={costs!r}; expected None (calibrate on the device), a "
-        "keras_bptt._planner_fused.SegmentCosts or a dict of its fields."
+        "keras_bptt.planning.fused.SegmentCosts or a dict of its fields."
     )
 
 
@@ -211,29 +211,29 @@ class MemoryBudgetRNN(keras.layers.RNN):
             storing internal states when the cell supports them), `"msm"`,
             `"msm_early"` (MSM releasing start states early), `"ism"` (need
             a cell with internal states, see
-            `keras_bptt.internal_states`), `"hsm"` (optimal hidden-state
+            `keras_bptt.execution.internal_states`), `"hsm"` (optimal hidden-state
             checkpointing, any cell), `"store_all"`, `"chen_sqrt"`,
             `"chen_sqrt_hidden"`, `"bisection"` or `"recompute_all"`.
         report_metrics: Keyword-only. With a limited budget the layer owns
             two Keras metrics updated by every backward pass with the
             executor's counts, `<name>_recomputed_steps` and
-            `<name>_peak_stored_slots` (see `keras_bptt.metrics`). They are
+            `<name>_peak_stored_slots` (see `keras_bptt.layers.metrics`). They are
             in `model.metrics`, and so in the logs of `fit` (and the values
             `evaluate` returns), when `True`; with `"auto"` (default) only
-            once a `keras_bptt.callbacks.BudgetMonitor` watches the model,
+            once a `keras_bptt.monitoring.callbacks.BudgetMonitor` watches the model,
             so that a model without one logs exactly what Keras' layers
             would; never with `False`.
         fused: Keyword-only. Whether to run the recurrence as fused segments
-            of steps (`keras_bptt.fused`): `"auto"` (default) on a GPU
+            of steps (`keras_bptt.execution.fused_kernels`): `"auto"` (default) on a GPU
             whenever cuDNN computes exactly what the cell does, else the
             per-step executor (identical results); `True` always (on a CPU
             an `LSTMCell` runs `BlockLSTMV2`), raising a `ValueError` that
             says why where it cannot; `False` never. A fused plan is made
-            by the launch-aware planner (`keras_bptt._planner_fused`).
+            by the launch-aware planner (`keras_bptt.planning.fused`).
         segment_costs: Keyword-only. The fused kernels' costs to plan with
-            (a `keras_bptt._planner_fused.SegmentCosts` or a dict of its
+            (a `keras_bptt.planning.fused.SegmentCosts` or a dict of its
             fields); `None` (default) measures them on the device at the
-            first call (`keras_bptt.fused.calibrate`, cached).
+            first call (`keras_bptt.execution.fused_kernels.calibrate`, cached).
 
     Call arguments:
         sequences, initial_state, mask, training: As in `keras.layers.RNN`.
@@ -334,7 +334,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
     def report_metrics_in_logs(self):
         """Puts the counter metrics in `model.metrics` (and so in the logs).
 
-        Called by `keras_bptt.callbacks.BudgetMonitor` for layers with
+        Called by `keras_bptt.monitoring.callbacks.BudgetMonitor` for layers with
         `report_metrics="auto"`. Returns whether anything changed (a traced
         train function must then be traced again to include them).
         """
@@ -354,7 +354,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
 
     @property
     def budget(self):
-        """The parsed `keras_bptt.budget.Budget`."""
+        """The parsed `keras_bptt.planning.budget.Budget`."""
         return self._budget
 
     def _cell_alpha(self, steps, internal_steps, step_input, flat_states):

@@ -29,7 +29,7 @@ from keras import constraints
 from keras import initializers
 from keras import regularizers
 
-from keras_bptt.layer import MemoryBudgetRNN
+from keras_bptt.layers.rnn import MemoryBudgetRNN
 
 _CUDNN_CHOICES = ("auto", True, False)
 
@@ -206,7 +206,7 @@ class LSTM(_KerasRecurrentLayer):
             implementation=kwargs.pop("implementation", 2),
         )
         if use_cudnn is not None:
-            # cuDNN is the fused kernel on a GPU (keras_bptt.fused): the
+            # cuDNN is the fused kernel on a GPU (keras_bptt.execution.fused_kernels): the
             # budgeted executor fuses segments where Keras would use cuDNN.
             kwargs.setdefault("fused", _check_use_cudnn(use_cudnn))
         super().__init__(
@@ -316,7 +316,7 @@ class GRU(_KerasRecurrentLayer):
             implementation=kwargs.pop("implementation", 2),
         )
         if use_cudnn is not None:
-            # cuDNN is the fused kernel on a GPU (keras_bptt.fused): the
+            # cuDNN is the fused kernel on a GPU (keras_bptt.execution.fused_kernels): the
             # budgeted executor fuses segments where Keras would use cuDNN.
             kwargs.setdefault("fused", _check_use_cudnn(use_cudnn))
         super().__init__(

@@ -130,7 +130,7 @@ class BlockLSTMKernel:
     name = "block_lstm"
     # Transients of one forward step (seven [batch, units] gate tensors
     # against h and c), in hidden-state units: see
-    # `keras_bptt.fused_executor.bound_advances`.
+    # `keras_bptt.execution.fused_interpreter.bound_advances`.
     advance_units_per_step = 3.5
 
     def __init__(self, cell):
@@ -417,8 +417,11 @@ KERNELS = {
 _CALIBRATIONS = {}
 
 
-def clear_calibrations():
-    """Forgets every measured `SegmentCosts` (they are cached per shape)."""
+def clear_caches():
+    """Forgets every measured `SegmentCosts` (they are cached per shape).
+
+    `keras_bptt.clear_caches()` calls this with every other cache's.
+    """
     _CALIBRATIONS.clear()
 
 
@@ -462,9 +465,9 @@ def calibrate(kernel, batch, features, dtype="float32", lengths=(4, 32),
         repeats: Timings per point (the median is used).
 
     Returns:
-        A `keras_bptt._planner_fused.SegmentCosts`.
+        A `keras_bptt.planning.fused.SegmentCosts`.
     """
-    from keras_bptt import _planner_fused as planner_fused
+    from keras_bptt.planning import fused as planner_fused
 
     cell = kernel.cell
     key = (kernel.name, batch, features, cell.units, str(dtype),

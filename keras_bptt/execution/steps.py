@@ -1,6 +1,6 @@
 """One recurrent step of a Keras cell, as `keras.layers.RNN` runs it.
 
-The executor (`keras_bptt.executor`) evaluates steps many times: in the
+The executor (`keras_bptt.execution.interpreter`) evaluates steps many times: in the
 forward pass, in recomputations, and under tapes. `CellSteps` gives it pure
 step functions over flat state lists that reproduce `keras.layers.RNN`'s
 loop body exactly:
@@ -13,7 +13,7 @@ loop body exactly:
   or zeros with `zero_output_for_mask`.
 
 `CellSteps.internal` additionally wraps a cell's
-`keras_bptt.internal_states.InternalStateStep` with the same masking, for
+`keras_bptt.execution.internal_states.InternalStateStep` with the same masking, for
 plans that store internal states (ISM/MSM of Gruslys et al., NIPS 2016).
 With a mask, the internal state also holds the step's masked new states, so
 that restoring from it needs no mask.
@@ -24,7 +24,7 @@ import contextlib
 import keras
 import tensorflow as tf
 
-from keras_bptt import executor
+from keras_bptt.execution import interpreter as executor
 
 
 def _dropout_cells(cell):

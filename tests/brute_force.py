@@ -3,7 +3,7 @@
 A shortest-path search (0-1 BFS: forward ops cost 1, every other op 0) over
 all executions of the cost model of Gruslys et al., "Memory-Efficient
 Backpropagation Through Time" (NIPS 2016), as the op semantics of
-`keras_bptt.plan` define it. It shares no code with the planner's recursions,
+`keras_bptt.planning.plan` define it. It shares no code with the planner's recursions,
 so it checks both their optimality and the model they assume.
 
 A search state is (next step to backpropagate, register, whether the last op
@@ -126,7 +126,7 @@ def _after_backward(state, stored_internal):
     )
 
 
-# -- fused segments (`keras_bptt._planner_fused`) -------------------------------
+# -- fused segments (`keras_bptt.planning.fused`) -------------------------------
 
 
 def fused_optimal_time(length, memory, costs, *, internal=False,
@@ -134,7 +134,7 @@ def fused_optimal_time(length, memory, costs, *, internal=False,
     """Least time of any run schedule of the fused-segment model that fits.
 
     A shortest-path search (Dijkstra: run times are real numbers) over all
-    executions of the run model of `keras_bptt._planner_fused`, written from
+    executions of the run model of `keras_bptt.planning.fused`, written from
     that model's rules and sharing no code with its recursions. A search
     state is (next step to backpropagate, register, whether the register's
     forward call is still open, stored hidden states, kept segments). The
@@ -170,7 +170,7 @@ def fused_optimal_time(length, memory, costs, *, internal=False,
         length: Sequence length t (small: the search is exponential).
         memory: Budget in hidden-state units, h_0 included (h_0 starts
             stored).
-        costs: A `keras_bptt._planner_fused.SegmentCosts` (read by
+        costs: A `keras_bptt.planning.fused.SegmentCosts` (read by
             attribute).
         internal: Whether segments may be kept (the segment analogue of MSM);
             otherwise leaves only (HSM with fused leaves).

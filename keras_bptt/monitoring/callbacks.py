@@ -99,7 +99,7 @@ class BatchMemoryUsage(keras.callbacks.Callback):
         self._checked = True
         self.problem = memory_statistics_problem(self.device)
         if self.problem is not None:
-            warnings.warn(f"keras_bptt.callbacks: {self.problem}", stacklevel=3)
+            warnings.warn(f"keras_bptt.monitoring.callbacks: {self.problem}", stacklevel=3)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.measures_memory:
@@ -119,7 +119,7 @@ class BatchMemoryUsage(keras.callbacks.Callback):
 
 def budgeted_layers(model):
     """Every `MemoryBudgetRNN` inside `model` (Bidirectional halves too)."""
-    from keras_bptt.layer import MemoryBudgetRNN
+    from keras_bptt.layers.rnn import MemoryBudgetRNN
 
     return [
         layer
@@ -130,7 +130,7 @@ def budgeted_layers(model):
 
 def _schedule_image(plan):
     """The `--schedule` picture of `plan` as a `[1, H, W, 4]` uint8 tensor."""
-    from keras_bptt import plotting
+    from keras_bptt.monitoring import plotting
 
     buffer = io.BytesIO()
     plotting.plot_schedule(buffer, plan)
@@ -168,7 +168,7 @@ class BudgetMonitor(keras.callbacks.Callback):
     whatever the order of the callbacks):
 
     * `<layer>_recomputed_steps` and `<layer>_peak_stored_slots`: metrics
-      owned by each budgeted layer (see `keras_bptt.metrics`), which the
+      owned by each budgeted layer (see `keras_bptt.layers.metrics`), which the
       callback switches on for layers with `report_metrics="auto"` (the
       default) when it is attached to the model.
     * `peak_memory_mib`: the largest peak device memory of the epoch's
@@ -197,7 +197,7 @@ class BudgetMonitor(keras.callbacks.Callback):
     Example:
 
     ```python
-    model.fit(x, y, callbacks=[keras_bptt.callbacks.BudgetMonitor("logs")])
+    model.fit(x, y, callbacks=[keras_bptt.monitoring.callbacks.BudgetMonitor("logs")])
     # then: tensorboard --logdir logs
     ```
     """
@@ -254,7 +254,7 @@ class BudgetMonitor(keras.callbacks.Callback):
             if not self._memory.measures_memory:
                 tf.summary.text("memory/unavailable", self.problem, step=0)
             if self._layers:
-                from keras_bptt import model_budget
+                from keras_bptt.layers import model_budget
 
                 text = model_budget.summary_markdown(self.model)
                 tf.summary.text("memory/budget_summary", text, step=0)

@@ -1,8 +1,8 @@
 """The plan: an executable schedule of forward, store and backward operations.
 
 A `Plan` is the contract between the planner (pure Python/NumPy) and the
-executors (the reference simulator in `keras_bptt.simulator` and the
-TensorFlow executor in `keras_bptt.executor`). It is expressed in the cost
+executors (the reference simulator in `keras_bptt.planning.simulator` and the
+TensorFlow executor in `keras_bptt.execution.interpreter`). It is expressed in the cost
 model of Gruslys et al., "Memory-Efficient Backpropagation Through Time"
 (NIPS 2016):
 
@@ -35,7 +35,7 @@ Hidden and internal slots are separate index spaces; `hidden_slots` and
 op of every plan is `STORE_HIDDEN 0 0` (h_0 in hidden slot 0).
 
 Invariants of every plan the planner emits (checked by
-`keras_bptt.simulator.simulate`):
+`keras_bptt.planning.simulator.simulate`):
 
 * The *forward sweep* -- every op before the first `BACKWARD` or
   `BACKWARD_INTERNAL` (`Plan.forward_sweep_length` ops) -- holds only

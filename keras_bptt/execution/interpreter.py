@@ -12,7 +12,7 @@ wraps the whole recurrence.
   function whose gradient is overridden, TensorFlow keeps no per-step
   accumulators for it.
 * Its gradient function interprets the plan's backward program
-  (`keras_bptt.program`), one step evaluation per instruction: restore the
+  (`keras_bptt.execution.program`), one step evaluation per instruction: restore the
   register from a hidden slot (or, HSM aside, from a stored internal state),
   then recompute a step (keeping its internal state for ISM/MSM) or
   backpropagate one -- a vector-Jacobian product of the step evaluated under
@@ -55,7 +55,7 @@ Known limitations:
 
 * The transient internal state of the last step cannot cross from the forward
   function to the gradient function; `h_{t-1}` is kept beside the slots and
-  step t is evaluated once more (see `keras_bptt.program`).
+  step t is evaluated once more (see `keras_bptt.execution.program`).
 * A run-time program (unknown t) uses `tf.numpy_function`, which XLA cannot
   compile; give the layer a static sequence length under `jit_compile=True`.
 * Under XLA, internal-state buffers cost about twice their size (measured in
@@ -80,7 +80,7 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from keras_bptt import program as program_lib
+from keras_bptt.execution import program as program_lib
 
 _COUNTER_DTYPE = tf.int64
 
@@ -89,7 +89,7 @@ NEVER, SOMETIMES, ALWAYS = 0, 1, 2
 
 
 class ProgramTensors(typing.NamedTuple):
-    """A `keras_bptt.program.Program` as tensors (constants or run-time)."""
+    """A `keras_bptt.execution.program.Program` as tensors (constants or run-time)."""
 
     forward_store: tf.Tensor
     forward_internal: tf.Tensor
@@ -115,8 +115,8 @@ class ExecutionCounts(typing.NamedTuple):
 class InternalSteps:
     """What the executor needs to store and use internal states (ISM/MSM).
 
-    Implementations (see `keras_bptt.layer`) wrap a cell's
-    `keras_bptt.internal_states.InternalStateStep` with the layer's masking.
+    Implementations (see `keras_bptt.layers.rnn`) wrap a cell's
+    `keras_bptt.execution.internal_states.InternalStateStep` with the layer's masking.
 
     Attributes:
         variables: The `tf.Variable`s whose gradients `backward` returns.
@@ -138,7 +138,7 @@ class InternalSteps:
 
 
 class _Instruction(typing.NamedTuple):
-    """One row of `Program.instructions` (see `keras_bptt.program`)."""
+    """One row of `Program.instructions` (see `keras_bptt.execution.program`)."""
 
     opcode: tf.Tensor
     step: tf.Tensor

@@ -1,0 +1,14 @@
+"""Execution: running a plan in TensorFlow (`docs/executor.md`).
+
+* `program` -- a `Plan` compiled to instructions the interpreter reads.
+* `interpreter` -- the `tf.custom_gradient` over `tf.while_loop`s that
+  runs a program, step by step.
+* `steps` -- one recurrent step of a Keras cell (masks, dropout) as the
+  interpreter calls it.
+* `internal_states` -- cells whose internal state (gate activations) can be
+  stored and backpropagated without re-running the cell (ISM/MSM).
+* `cell_memory` -- bytes of a cell's states and of its step's activations.
+* `fused_kernels`, `fused_interpreter` -- runs of steps as one fused kernel
+  call (cuDNN, BlockLSTM), planned by `keras_bptt.planning.fused`.
+* `stats` -- the counters of what an execution really did.
+"""
