@@ -7,6 +7,10 @@ import sys
 
 import pytest
 
+# Strategies run in subprocesses with and without allocator statistics:
+# slow. `pytest -m "not slow"` skips them in a quick loop; CI runs them.
+pytestmark = pytest.mark.slow
+
 SCRIPT = r"""
 import json, sys
 import tensorflow as tf

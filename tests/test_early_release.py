@@ -7,18 +7,18 @@ the recursions below, independent of the planner's closed forms and pruning.
 
 import functools
 import math
-import time
 import warnings
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from keras_bptt.planning import _early_release as early
 import brute_force
+import keras_bptt
+from keras_bptt.execution import program as program_lib
+from keras_bptt.planning import _early_release as early
 from keras_bptt.planning import plan as plan_lib
 from keras_bptt.planning import planner
-from keras_bptt.execution import program as program_lib
 from keras_bptt.planning import simulator
 
 F, FSI, STORE, DROP, BACK, BACK_I = (
@@ -234,16 +234,13 @@ def test_auto_skips_msm_early_above_its_work_limit(monkeypatch):
     planner._cached_plan.cache_clear()
 
 
-def test_auto_at_t1000_is_fast():
-    early._RECENT_TABLES.clear()
-    planner._cached_plan.cache_clear()
-    start = time.perf_counter()
+def test_auto_at_t1000_picks_early_release():
+    # Planning time at this size is measured by benchmarks/planner.py.
+    keras_bptt.clear_caches()
     plan = planner.make_plan(1000, 150, "auto", alpha=3)
     assert plan.scheme == "msm_early" and plan.cost == 1949
     plan = planner.make_plan(1000, 60, "auto", alpha=3)  # a full table
-    elapsed = time.perf_counter() - start
     assert plan.scheme == "msm_early" and plan.cost == 2348
-    assert elapsed < 5  # about 0.4 s on a shared 2-core machine
 
 
 # -- programs -------------------------------------------------------------------

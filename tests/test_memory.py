@@ -4,6 +4,10 @@ import pytest
 
 from benchmarks.measure import measure_in_subprocess
 
+# Each configuration is measured in its own subprocess:
+# slow. `pytest -m "not slow"` skips them in a quick loop; CI runs them.
+pytestmark = pytest.mark.slow
+
 CONFIG = dict(length=1000, batch=32, units=256, features=32, repeats=1)
 SLOT_BYTES = 2 * 32 * 256 * 4  # an LSTM hidden state (h and c), batch 32
 

@@ -11,6 +11,10 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
+# Trainings run in subprocesses with and without allocator statistics:
+# slow. `pytest -m "not slow"` skips them in a quick loop; CI runs them.
+pytestmark = pytest.mark.slow
+
 LENGTH, BATCHES, EPOCHS = 200, 3, 2
 
 # Keras' own logging callbacks come BEFORE BudgetMonitor: the layer's

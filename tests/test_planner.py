@@ -8,7 +8,6 @@ for t <= 7, and against a direct (slow) evaluation of the recursions below.
 import math
 import subprocess
 import sys
-import time
 import warnings
 
 import hypothesis
@@ -341,10 +340,7 @@ def test_lstm_alpha_plans_on_a_finer_grid():
     costs = {}
     for fraction in (0.05, 0.03, 0.02, 0.015):
         memory = 1 + fraction * (planner.standard_bptt_memory(length, alpha) - 1)
-        _planner_msm._RECENT_TABLES.clear()
-        start = time.perf_counter()
         plan = planner.make_plan(length, memory, "msm", alpha)
-        assert time.perf_counter() - start < 5  # about 0.3 s; slow CI machines
         _check_plan(plan, length, memory, alpha)
         costs[fraction] = plan.cost
         assert plan.cost < planner.plan_cost("msm", length, memory, alpha=4)
@@ -442,18 +438,15 @@ def test_standard_bptt_memory():
     assert planner.standard_bptt_memory(1, 6.4) == 1
 
 
-# -- speed and import weight ----------------------------------------------------------
+# -- long plans and import weight (planning time: benchmarks/planner.py) ---------------
 
 
-def test_long_hsm_plan_is_fast_and_consistent():
-    start = time.perf_counter()
+def test_long_hsm_plan_is_consistent():
     plan = planner.make_plan(100_000, 100, "hsm")
-    elapsed = time.perf_counter() - start
     forwards = np.count_nonzero(plan.ops[:, 0] == plan_lib.FORWARD)
     assert forwards == plan.cost == planner.plan_cost("hsm", 100_000, 100)
     assert np.count_nonzero(plan.ops[:, 0] == plan_lib.BACKWARD) == 100_000
     assert plan.peak_memory <= 100
-    assert elapsed < 10  # about 0.3 s; generous for slow CI machines
 
 
 def test_planner_does_not_import_tensorflow():

@@ -1,0 +1,144 @@
+"""The package's structure: one-way layers, old paths, caches.
+
+`keras_bptt` is layered (docs/architecture.md): planning (NumPy only) →
+execution (TensorFlow) → layers (Keras) → monitoring and the CLI. A module
+may import its own layer and the ones before it, never a later one.
+"""
+
+import ast
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+import keras_bptt
+
+PACKAGE = pathlib.Path(keras_bptt.__file__).parent
+LAYERS = ("planning", "execution", "layers", "monitoring")
+# Top-level modules: the command line sits above everything.
+TOP_LEVEL = {"cli": len(LAYERS), "__main__": len(LAYERS), "__init__": len(LAYERS)}
+
+
+def _rank(dotted):
+    """The layer index of a `keras_bptt...` module name."""
+    parts = dotted.split(".")
+    if len(parts) == 1:  # `from keras_bptt import X`: resolved below
+        return None
+    if parts[1] in LAYERS:
+        return LAYERS.index(parts[1])
+    return TOP_LEVEL[parts[1]]
+
+
+def _imports(path):
+    """`keras_bptt...` modules a file imports (module-level and in functions)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("keras_bptt"):
+                    yield alias.name
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "keras_bptt"
+        ):
+            if node.module == "keras_bptt":
+                for alias in node.names:
+                    lazy = keras_bptt._LAZY_ATTRIBUTES.get(alias.name)
+                    yield lazy or f"keras_bptt.{alias.name}"
+            else:
+                yield node.module
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0] in LAYERS:
+            yield path, LAYERS.index(relative.parts[0])
+        else:
+            yield path, TOP_LEVEL[relative.stem]
+
+
+@pytest.mark.parametrize(
+    "path, rank", list(_modules()), ids=lambda v: str(v) if isinstance(v, int) else
+    str(v.relative_to(PACKAGE))
+)
+def test_dependencies_point_one_way(path, rank):
+    for name in _imports(path):
+        target = _rank(name)
+        assert target is not None and target <= rank, (
+            f"{path.relative_to(PACKAGE)} (layer {rank}) imports {name} "
+            f"(layer {target}); see docs/architecture.md"
+        )
+
+
+def test_planning_never_imports_tensorflow():
+    modules = sorted(
+        f"keras_bptt.planning.{p.stem}"
+        for p in (PACKAGE / "planning").glob("*.py")
+        if p.stem != "__init__"
+    )
+    code = (
+        f"import importlib, sys\nfor name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "import keras_bptt, keras_bptt.cli, keras_bptt.budget\n"
+        "keras_bptt.clear_caches()\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('tensorflow', 'keras')]\n"
+        "assert not bad, bad[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("old, new", sorted(keras_bptt.MOVED_MODULES.items()))
+def test_old_module_paths_import_the_moved_module_and_warn(old, new):
+    sys.modules.pop(f"keras_bptt.{old}", None)
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        module = __import__(f"keras_bptt.{old}", fromlist=["_"])
+    assert module is sys.modules[new]
+    assert module.__name__ == new and module.__spec__.name == new
+
+
+@pytest.mark.parametrize("old, new", sorted(keras_bptt.PUBLIC_MODULES.items()))
+def test_public_module_paths_stay_without_warning(old, new):
+    sys.modules.pop(f"keras_bptt.{old}", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = __import__(f"keras_bptt.{old}", fromlist=["_"])
+        assert getattr(keras_bptt, old) is module
+    assert module is sys.modules[new]
+
+
+def test_unknown_attributes_still_raise():
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        keras_bptt.nothing  # noqa: B018
+    with pytest.raises(ModuleNotFoundError):
+        __import__("keras_bptt.nothing")
+
+
+def test_every_caching_module_can_be_cleared():
+    # Every module-level cache is reachable from `clear_caches()`.
+    for name in keras_bptt._CACHING_MODULES:
+        module = __import__(name, fromlist=["_"])
+        assert callable(module.clear_caches), name
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if "lru_cache" in text or "_RECENT_TABLES = " in text or "_CALIBRATIONS = " in text:
+            name = ".".join(("keras_bptt",) + path.relative_to(PACKAGE).with_suffix("").parts)
+            assert name in keras_bptt._CACHING_MODULES, name
+
+
+def test_clear_caches_empties_the_plan_caches():
+    from keras_bptt.execution import program
+    from keras_bptt.planning import budget
+    from keras_bptt.planning import planner
+
+    plan = planner.make_plan(200, 12, scheme="msm", alpha=3.0)
+    program.program_for(200, 2, budget=budget.parse_budget("10%"),
+                        scheme="hsm", state_bytes=64, alpha=1.0)
+    assert planner._cached_plan.cache_info().currsize > 0
+    assert program.program_for.cache_info().currsize > 0
+    keras_bptt.clear_caches()
+    assert planner._cached_plan.cache_info().currsize == 0
+    assert program.program_for.cache_info().currsize == 0
+    assert planner.make_plan(200, 12, scheme="msm", alpha=3.0).cost == plan.cost
