@@ -21,7 +21,7 @@ state, which frees it) and drop.
   never costs anything).
 * `True` -- any item may be dropped at any time. Dropping the start of a
   sub-problem once an internal state after it is stored frees memory early
-  and can be cheaper (paper-notes: alpha=1, t=6, m=1 costs 16, not 21).
+  and can be cheaper (docs/algorithm.md, early release: alpha=1, t=6, m=1 costs 16, not 21).
 
 Useless states are never stored (h_j with j >= the next step to
 backpropagate, s_j with j beyond it), and restoring the register's own state

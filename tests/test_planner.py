@@ -1,7 +1,7 @@
 """The planner: optimal costs, plan validity, caching, budgets and speed.
 
-Costs are checked three independent ways: against the paper-notes reference
-values, against an exhaustive search over schedules (`brute_force`)
+Costs are checked three independent ways: against the reference values of
+docs/algorithm.md, against an exhaustive search over schedules (`brute_force`)
 for t <= 7, and against a direct (slow) evaluation of the recursions below.
 """
 
@@ -53,7 +53,7 @@ def recursion_table(length, memory, alpha, hidden=True, internal=True,
     return table
 
 
-# -- reference values (paper-notes) -------------------------------------------
+# -- reference values (docs/algorithm.md) ----------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def test_costs_equal_exhaustive_search(length, alpha):
 
 
 def test_early_release_beats_the_paper_model():
-    # paper-notes: alpha=1, t=6, m=1 costs 16 with early release, not 21.
+    # docs/algorithm.md, early release: alpha=1, t=6, m=1 costs 16, not 21.
     assert planner.plan_cost("msm", 6, 1, alpha=1) == 21
     assert brute_force.optimal_cost(6, 1, 1, early_release=True) == 16
     for length in range(1, 6):

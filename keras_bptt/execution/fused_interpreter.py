@@ -1,5 +1,7 @@
 """Executor of fused plans: a recurrence run as calls over segments of steps.
 
+Documented in `docs/executor.md` ("The fused run interpreter") and `docs/cost-model.md`.
+
 Interprets a `keras_bptt.planning.fused.FusedPlan` (leaves only,
 `"fused_hsm"`) with a segment kernel of `keras_bptt.execution.fused_kernels`. One
 `tf.custom_gradient` function wraps the recurrence, as in

@@ -1,5 +1,7 @@
 """TensorFlow executor for memory-budgeted backpropagation through time.
 
+Documented in `docs/executor.md` (the interpreter, stored states, TensorFlow facts).
+
 Implements the execution side of Gruslys et al., "Memory-Efficient
 Backpropagation Through Time" (NIPS 2016): one `tf.custom_gradient` function
 wraps the whole recurrence.

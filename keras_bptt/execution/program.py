@@ -1,5 +1,7 @@
 """Lowering a `Plan` to the program the TensorFlow executor runs.
 
+Documented in `docs/executor.md` ("From Plan to Program").
+
 A `Plan` (see `keras_bptt.planning.plan`) is written in the cost model of Gruslys et
 al. (NIPS 2016): a step's backward operation consumes the *transient* internal
 state left by the forward operation just before it. TensorFlow cannot hand

@@ -1,5 +1,7 @@
 """Closed forms of the HSM and ISM recursions, and an optimal split for each.
 
+Documented in `docs/algorithm.md` ("How the code evaluates them").
+
 Implements, without a table, the costs `C(t, m)` (HSM: store hidden states)
 and `Q(t, m)` (ISM: store internal states) of
 
@@ -34,7 +36,7 @@ order. So a cost function is described by its *marginal counts*
 With `v` the marginal cost of the t-th step (the smallest v with
 `N(v) >= t`), `F(t) = v t - sum_{u < v} N(u)`. For HSM this is revolve's
 `C(t, m) = (r + 1) t - binom(m + r, r - 1)` with `v = r + 1`
-(paper-notes). An optimal split takes every left marginal below v and none
+(docs/algorithm.md, HSM). An optimal split takes every left marginal below v and none
 above it: `y` in `[max(N_L(v-1), t - N_G(v)), min(N_L(v), t - N_G(v-1))]`.
 
 Known limitations:

@@ -1,5 +1,7 @@
 """Implements mixed-storage BPTT planning where start states are released early.
 
+Documented in `docs/algorithm.md` ("Early release").
+
 (Scheme `"msm_early"` of `keras_bptt.planning.planner`.)
 
 The storage model is that of
@@ -18,7 +20,7 @@ internal state is no smaller than a hidden state (checked against that
 search in tests/test_early_release.py, on grids of 1 and 1/2 slot).
 Conventions (memory in hidden-state units with h_0 counted, cost = forward ops
 including the first sweep) are those of `keras_bptt.planning.plan` and
-/work/shared/paper-notes.md ("Beyond the paper").
+`docs/algorithm.md` ("Early release").
 
 Early release
 -------------

@@ -1,5 +1,7 @@
 """The MSM recursion R(t, m) as a table, with closed forms where they are exact.
 
+Documented in `docs/algorithm.md` (MSM, "How the code evaluates them").
+
 Implements the "mixed storage" recursion of
 
     Gruslys, Munos, Danihelka, Lanctot, Graves

@@ -1,7 +1,9 @@
 """Implements launch-aware BPTT planning for fused segments of steps.
 
+Documented in `docs/cost-model.md` (launch-aware model, runs, recursions).
+
 (Schemes `"fused_hsm"` and `"fused_msm"`; not wired into
-`keras_bptt.planning.planner`, the layer or the executor.)
+`keras_bptt.planning.planner`. The layer plans and runs `"fused_hsm"` only.)
 
 The storage model is that of
 

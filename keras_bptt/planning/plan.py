@@ -49,7 +49,7 @@ Invariants of every plan the planner emits (checked by
   stored at the end: the plan ends with `DROP_HIDDEN 0 0` unless h_0 was
   released early.
 * `RESTORE_INTERNAL` is what lets ISM/MSM restart a sub-sequence from a
-  stored internal state: s_i contains h_i (paper-notes, ISM).
+  stored internal state: s_i contains h_i (docs/algorithm.md, ISM).
 """
 
 import dataclasses
@@ -123,7 +123,7 @@ class Plan:
         """Predicted step time relative to standard BPTT.
 
         `(cost / t + b) / (1 + b)` with `b` the backward/forward time ratio of
-        one step (paper-notes; about 2 for an LSTM, measure it).
+        one step (docs/cost-model.md; about 2 for an LSTM, measure it).
         """
         b = float(backward_forward_ratio)
         return (self.cost_per_step + b) / (1.0 + b)

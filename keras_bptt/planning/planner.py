@@ -1,5 +1,7 @@
 """Memory-budgeted BPTT planning: what to store, what to recompute.
 
+Documented in `docs/algorithm.md` (schemes, recursions, `auto`).
+
 Implements the dynamic programs of
 
     Gruslys, Munos, Danihelka, Lanctot, Graves
@@ -500,7 +502,7 @@ def _auto_scheme(length, memory, alpha, options):
     """The fitting scheme with the lowest predicted time, and its options.
 
     Predicted time relative to standard BPTT is `(cost/t + b) / (1 + b)`
-    (paper-notes), increasing in the cost for every b >= 0, so the choice is
+    (docs/cost-model.md), increasing in the cost for every b >= 0, so the choice is
     the cheapest plan; b only scales the reported ratio. Ties go to the
     first scheme of `_AUTO_PREFERENCE` (`msm_early` only when strictly
     cheaper than every other scheme).

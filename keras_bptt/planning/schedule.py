@@ -1,5 +1,7 @@
 """Turning a split policy into an executable op sequence (a `Plan`'s ops).
 
+Documented in `docs/algorithm.md` ("From split policy to ops").
+
 Every scheme of the planner -- the recursions of Gruslys et al., "Memory-
 Efficient Backpropagation Through Time" (NIPS 2016) and the baselines -- is a
 *split policy*: given a sub-problem (backpropagate steps s+1..s+n, whose start

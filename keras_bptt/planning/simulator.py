@@ -1,5 +1,7 @@
 """Reference simulator: runs a `Plan` abstractly and checks every invariant.
 
+Documented in `docs/algorithm.md` ("Checking") and `docs/cost-model.md`.
+
 The simulator interprets `Plan.ops` one op at a time in the cost model of
 Gruslys et al., "Memory-Efficient Backpropagation Through Time" (NIPS 2016),
 tracking *which* state every slot and the register hold rather than any

@@ -1,0 +1,67 @@
+"""The developer documentation in docs/ is complete and self-contained."""
+
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+# Notes kept outside the repository, which the project must not cite.
+_OUTSIDE_NOTES = re.compile(r"paper-notes|tf-pitfalls|fused-planning|\.\./shared|shared/\S*\.md")
+# Absolute paths of a developer's machine (the system's temporary directory,
+# which docstring examples may write to, is not one of them).
+_OUTSIDE_PATHS = re.compile(r"(?<![\w.])/(?:work|home|root|Users|mnt|srv)/")
+_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def _text_files(folder):
+    return [p for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix in (".py", ".md", ".txt", ".cfg", ".toml")]
+
+
+@pytest.mark.parametrize("folder", ["keras_bptt", "docs"])
+def test_no_outside_notes_or_paths_are_cited(folder):
+    offending = []
+    for path in _text_files(ROOT / folder):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if _OUTSIDE_NOTES.search(line) or _OUTSIDE_PATHS.search(line):
+                offending.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offending, "\n".join(offending)
+
+
+def test_tests_cite_docs_not_outside_notes():
+    offending = [
+        str(path.relative_to(ROOT)) for path in _text_files(ROOT / "tests")
+        if path.name != "test_docs.py" and _OUTSIDE_NOTES.search(path.read_text())
+    ]
+    assert not offending
+
+
+def test_every_page_of_the_index_exists_and_every_page_is_indexed():
+    linked = {m.group(1) for m in _LINK.finditer((DOCS / "README.md").read_text())}
+    assert {"architecture.md", "algorithm.md", "cost-model.md", "executor.md",
+            "private-apis.md"} <= linked
+    for page in linked:
+        assert (DOCS / page).is_file(), page
+    pages = {p.name for p in DOCS.glob("*.md")} - {"README.md"}
+    assert pages <= linked, pages - linked
+
+
+def test_links_between_pages_resolve_inside_the_repository():
+    for page in DOCS.glob("*.md"):
+        for target in _LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            resolved = (page.parent / target).resolve()
+            assert resolved.is_relative_to(ROOT), (page.name, target)
+            assert resolved.exists(), (page.name, target)
+
+
+def test_docs_pages_cited_in_code_and_tests_exist():
+    cited = set()
+    for folder in ("keras_bptt", "tests"):
+        for path in _text_files(ROOT / folder):
+            cited.update(re.findall(r"docs/([\w-]+\.md)", path.read_text()))
+    missing = sorted(page for page in cited if not (DOCS / page).is_file())
+    assert not missing
