@@ -128,7 +128,7 @@ class _MovedModuleLoader(importlib.abc.Loader):
         if not self._public:
             warnings.warn(
                 f"{spec.name} moved to {self._target} in keras_bptt 0.2.0; "
-                f"import it from there (README, 'Module paths').",
+                f"import it from there (docs/architecture.md lists every move).",
                 DeprecationWarning,
                 stacklevel=2,
             )
