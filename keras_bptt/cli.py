@@ -44,7 +44,27 @@ def build_parser():
 def main(argv=None):
     """Runs the command line; returns the exit status.
 
-    Example:
+    Example (the scheme table for t = 1000 steps of an LSTM-like cell,
+    alpha = 3, in 5% of standard BPTT's memory):
+
+    >>> main(["plan", "--length", "1000", "--budget", "5%", "--alpha", "3"])
+    ... # doctest: +NORMALIZE_WHITESPACE
+    t=1000, alpha=3, budget 5% = 149.9 slots (standard BPTT: 2998 slots),
+    backward/forward ratio b=2
+    scheme                    cost  per step  memory (slots)  % of BPTT  time ratio
+    msm                       1950     1.950             148       4.9%       1.317
+    msm_early                 1950     1.950             148       4.9%       1.317
+    hsm                       2849     2.849             149       5.0%       1.616
+    ism                       1950     1.950             148       4.9%       1.317
+    store_all         does not fit: needs 2998 slots
+    recompute_all           500500   500.500               1       0.0%     167.500
+    chen_sqrt                 1992     1.992             124       4.1%       1.331
+    chen_sqrt_hidden          2960     2.960              62       2.1%       1.653
+    bisection                 5932     5.932              11       0.4%       2.644
+    auto picks msm
+    0
+
+    The same from a shell, also drawing the cost curves and the chosen plan:
 
     ```
     $ python -m keras_bptt plan --length 1000 --budget 5% --alpha 3 \

@@ -280,7 +280,7 @@ def compile_program(plan):
 
     Example:
 
-    >>> from keras_bptt import planner
+    >>> from keras_bptt.planning import planner
     >>> program = compile_program(planner.make_plan(10, 3, scheme="hsm"))
     >>> program.recomputed_steps  # plan cost 25 = 10 forward + 15 recomputed
     16

@@ -85,6 +85,8 @@ class CellSteps:
 
     >>> cell = keras.layers.GRUCell(4)
     >>> cell.build((None, 3))
+    >>> cell.reset_dropout_mask()  # as keras.layers.RNN does before its loop
+    >>> cell.reset_recurrent_dropout_mask()
     >>> steps = CellSteps(cell, [tf.zeros([2, 4])], False, carry_output=False)
     >>> output, new_states = steps.step(tf.ones([2, 3]), None, [tf.zeros([2, 4])])
     >>> output.shape

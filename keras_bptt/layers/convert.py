@@ -1,10 +1,7 @@
 """`with_memory_budget`: an existing Keras model, converted in one call.
 
-```python
-model = keras_bptt.with_memory_budget(model, "5%")
-```
-
-returns a model of the same architecture in which every
+`keras_bptt.with_memory_budget(model, "5%")` returns a model of the same
+architecture in which every
 `keras.layers.LSTM`, `GRU`, `SimpleRNN` and `RNN` -- also inside
 `Bidirectional` wrappers and nested Sequential/Functional models -- is
 replaced by its budgeted equivalent (`keras_bptt.LSTM`, `GRU`,
@@ -275,10 +272,21 @@ def with_memory_budget(
 
     Example:
 
-    ```python
-    model = keras_bptt.with_memory_budget(model, "5%")
-    keras_bptt.summary(model)
-    ```
+    >>> import numpy as np
+    >>> import keras_bptt
+    >>> keras.utils.set_random_seed(0)
+    >>> inputs = keras.Input((20, 3))
+    >>> hidden = keras.layers.LSTM(4, return_sequences=True)(inputs)
+    >>> outputs = keras.layers.Dense(1)(keras.layers.GRU(4)(hidden))
+    >>> model = keras.Model(inputs, outputs)
+    >>> budgeted = keras_bptt.with_memory_budget(model, "10%")
+    >>> [type(layer).__module__ for layer in budgeted.layers[1:3]]
+    ['keras_bptt.layers.keras_layers', 'keras_bptt.layers.keras_layers']
+    >>> x = np.random.default_rng(0).normal(size=(2, 20, 3)).astype("float32")
+    >>> bool(np.allclose(budgeted(x), model(x), atol=1e-6))
+    True
+
+    `keras_bptt.summary(budgeted)` prints the plans the split bought.
     """
     _check_cloneable(model)
     if scheme not in LAYER_SCHEMES:

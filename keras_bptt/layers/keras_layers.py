@@ -122,13 +122,25 @@ class LSTM(_KerasRecurrentLayer):
 
     Example:
 
-    ```python
-    model = keras.Sequential([
-        keras.Input((4000, 8)),
-        keras_bptt.LSTM(256, memory_budget="5%"),  # was keras.layers.LSTM(256)
-        keras.layers.Dense(1),
-    ])
-    ```
+    >>> import numpy as np
+    >>> import keras_bptt
+    >>> keras.utils.set_random_seed(0)
+    >>> model = keras.Sequential([
+    ...     keras.Input((20, 3)),
+    ...     keras_bptt.LSTM(4, memory_budget="25%"),  # was keras.layers.LSTM(4)
+    ...     keras.layers.Dense(1),
+    ... ])
+    >>> x = np.random.default_rng(0).normal(size=(2, 20, 3)).astype("float32")
+    >>> tuple(model(x).shape)
+    (2, 1)
+
+    Its weights are those of `keras.layers.LSTM`, and so are its outputs:
+
+    >>> reference = keras.layers.LSTM(4)
+    >>> reference.build((None, 20, 3))
+    >>> reference.set_weights(model.layers[0].get_weights())
+    >>> bool(np.allclose(model.layers[0](x), reference(x), atol=1e-6))
+    True
     """
 
     _CELL_ARGUMENTS = (

@@ -470,12 +470,27 @@ def summary(model, *, batch_size=None, backward_ratio=DEFAULT_BACKWARD_RATIO,
         print_fn: Called with each line (default `print`), as in Keras 2's
             `model.summary(print_fn=...)`.
 
-    Example:
+    Example (an LSTM and a GRU, t = 20, sharing 10% of standard BPTT's
+    memory):
 
-    ```python
-    model = keras_bptt.with_memory_budget(model, "5%")
-    keras_bptt.summary(model)
-    ```
+    >>> import keras_bptt
+    >>> inputs = keras.Input((20, 3), batch_size=2)
+    >>> hidden = keras.layers.LSTM(4, return_sequences=True, name="lstm")(inputs)
+    >>> outputs = keras.layers.Dense(1)(keras.layers.GRU(4, name="gru")(hidden))
+    >>> model = keras.Model(inputs, outputs, name="model")
+    >>> model = keras_bptt.with_memory_budget(model, "10%")
+    >>> keras_bptt.summary(model)  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+    Memory budget: "model" (keras_bptt; batch 2; b=2)
+    ┏━...━┓
+    ┃ Layer (type) ┃ t ┃ Scheme ┃ Budget (slots) ┃ Stored (slots) ┃
+      Stored bytes ┃ Recomputed steps ┃ Time ratio ┃
+    ┡━...━┩
+    │ lstm (LSTM) │ 20 │ msm_early │     6 │  6 │ 384 B │ 29 │ 1.483x │
+    │ gru (GRU)   │ 20 │ msm_early │ 12.06 │ 12 │ 384 B │ 19 │ 1.317x │
+    └─...─┘
+     Total stored: 768 B of standard BPTT's 7.66 KiB (9.79%)
+     Predicted time: 1.403x standard BPTT for the recurrent layers (per layer
+     (cost/t + b)/(1 + b), weighted by t times the cell's weights per step)
     """
     print_fn = print_fn or print
     for text in summary_lines(model, batch_size, backward_ratio):

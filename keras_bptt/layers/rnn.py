@@ -240,17 +240,33 @@ class MemoryBudgetRNN(keras.layers.RNN):
 
     Example:
 
-    ```python
-    import keras
-    from keras_bptt import MemoryBudgetRNN
+    >>> import numpy as np
+    >>> keras.utils.set_random_seed(0)
+    >>> x = np.random.default_rng(0).normal(size=(2, 20, 3)).astype("float32")
+    >>> cell = keras.layers.LSTMCell(4)
+    >>> budgeted = MemoryBudgetRNN(cell, memory_budget=5)  # slots, of 21
+    >>> reference = keras.layers.RNN(cell)  # the same cell and weights
+    >>> with tf.GradientTape(persistent=True) as tape:
+    ...     y, y_ref = budgeted(x), reference(x)
+    ...     loss, loss_ref = tf.reduce_sum(y**2), tf.reduce_sum(y_ref**2)
+    >>> tuple(y.shape), bool(np.allclose(y, y_ref))
+    ((2, 4), True)
+    >>> grads = tape.gradient(loss, cell.trainable_variables)
+    >>> grads_ref = tape.gradient(loss_ref, cell.trainable_variables)
+    >>> all(np.allclose(g, r, atol=1e-6) for g, r in zip(grads, grads_ref))
+    True
+    >>> budgeted.last_plan.length, budgeted.last_plan.peak_memory <= 5
+    (20, True)
 
-    model = keras.Sequential([
-        keras.Input((1000, 8)),
-        MemoryBudgetRNN(keras.layers.LSTMCell(64), memory_budget="5%"),
-        keras.layers.Dense(1),
-    ])
-    model.compile(optimizer="adam", loss="mse")
-    ```
+    In a model, it replaces `keras.layers.RNN`:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((20, 3)),
+    ...     MemoryBudgetRNN(keras.layers.LSTMCell(4), memory_budget="25%"),
+    ...     keras.layers.Dense(1),
+    ... ])
+    >>> tuple(model(x).shape)
+    (2, 1)
     """
 
     def __init__(

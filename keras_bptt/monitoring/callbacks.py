@@ -66,14 +66,20 @@ class BatchMemoryUsage(keras.callbacks.Callback):
         problem: `None` once statistics were found to work, else why peak
             memory is not measured (see `memory_statistics_problem`).
 
-    Example:
+    Example (two batches; on a CPU without `TF_CPU_ALLOCATOR_USE_BFC=true`
+    it warns and records only times):
 
-    ```python
-    usage = BatchMemoryUsage()
-    model.fit(x, y, callbacks=[usage])
-    if usage.peak_bytes:
-        print(max(usage.peak_bytes) / 2**20, "MiB")
-    ```
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> usage = BatchMemoryUsage()
+    >>> history = model.fit(x, x[:, :1], batch_size=2, verbose=0,
+    ...                     callbacks=[usage])
+    >>> len(usage.seconds)
+    2
+    >>> len(usage.peak_bytes) == (2 if usage.problem is None else 0)
+    True
     """
 
     def __init__(self, device=None):
@@ -196,10 +202,28 @@ class BudgetMonitor(keras.callbacks.Callback):
 
     Example:
 
-    ```python
-    model.fit(x, y, callbacks=[keras_bptt.monitoring.callbacks.BudgetMonitor("logs")])
-    # then: tensorboard --logdir logs
-    ```
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import keras_bptt
+    >>> keras.utils.set_random_seed(0)
+    >>> x = np.random.default_rng(0).normal(size=(4, 20, 3)).astype("float32")
+    >>> model = keras.Sequential([
+    ...     keras.Input((20, 3)),
+    ...     keras_bptt.LSTM(4, memory_budget="25%", name="lstm"),
+    ...     keras.layers.Dense(1),
+    ... ])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> log_dir = tempfile.mkdtemp()  # e.g. "logs"
+    >>> history = model.fit(x, x[:, 0, :1], batch_size=2, verbose=0,
+    ...                     callbacks=[BudgetMonitor(log_dir)])
+    >>> sorted(key for key in history.history if key.startswith("lstm_"))
+    ['lstm_peak_stored_slots', 'lstm_recomputed_steps']
+    >>> history.history["lstm_recomputed_steps"][0] > 0
+    True
+    >>> any(name.startswith("events.out.tfevents") for name in os.listdir(log_dir))
+    True
+
+    Then `tensorboard --logdir <log_dir>` shows the charts.
     """
 
     def __init__(self, log_dir="logs", update_freq=1, device=None, show_in_logs=True):

@@ -111,7 +111,12 @@ def plot_cost_curves(path, length, alpha=1.0, budget_slots=None, points=60):
 
     Example:
 
-    >>> plot_cost_curves("/tmp/curves.png", 1000, alpha=3, budget_slots=149.9)
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "curves.png")
+    >>> plot_cost_curves(path, 100, alpha=2, budget_slots=19.9)
+    >>> with open(path, "rb") as f:
+    ...     f.read(4)[1:]
+    b'PNG'
     """
     full = planner.standard_bptt_memory(length, alpha)
     figure, axes = _figure(figsize=(8, 5.5))
@@ -145,8 +150,12 @@ def plot_schedule(path, plan):
 
     Example:
 
-    >>> from keras_bptt import planner
-    >>> plot_schedule("/tmp/schedule.png", planner.make_plan(50, 4, "msm", alpha=2))
+    >>> import io
+    >>> from keras_bptt.planning import planner
+    >>> buffer = io.BytesIO()  # or a file name
+    >>> plot_schedule(buffer, planner.make_plan(50, 4, "msm", alpha=2))
+    >>> buffer.getvalue()[1:4]
+    b'PNG'
     """
     ops = np.asarray(plan.ops)
     stride = max(1, math.ceil(len(ops) / MAX_SCHEDULE_OPS))

@@ -476,7 +476,7 @@ def predicted_time(plan, costs):
 
     Example (the step-level HSM optimum run one step per call on a GPU):
 
-    >>> from keras_bptt import planner
+    >>> from keras_bptt.planning import planner
     >>> gpu = SegmentCosts(1.0, 0.01, 1.0, 0.01, 1.0)
     >>> round(predicted_time(planner.make_plan(1000, 50, "hsm"), gpu), 2)
     3987.48

@@ -191,7 +191,7 @@ def simulate(plan):
 
     Example:
 
-    >>> from keras_bptt import planner
+    >>> from keras_bptt.planning import planner
     >>> result = simulate(planner.make_plan(10, 3, scheme="hsm"))
     >>> result.forward_ops, result.recomputed_ops, result.peak_memory
     (25, 15, 3.0)
