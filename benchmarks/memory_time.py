@@ -32,6 +32,8 @@ import numpy as np  # noqa: E402
 
 from measure import measure_in_subprocess  # noqa: E402
 
+from keras_bptt.planning import cost_model  # noqa: E402
+
 RESULTS = pathlib.Path(__file__).parent / "results"
 BUDGETS = (1.0, 0.2, 0.1, 0.05, 0.02)
 SCHEMES = ("auto", "hsm", "ism", "msm")
@@ -142,7 +144,8 @@ def run(lengths, budgets, schemes, batch, units, features, repeats, jit_compile,
                 )
             elif r["layer"] == "budget" and b is not None and "plan_cost" in r:
                 r["backward_ratio"] = b
-                r["predicted_time_ratio"] = (r["plan_cost"] / length + b) / (1 + b)
+                r["predicted_time_ratio"] = cost_model.predicted_time_ratio(
+                    r["plan_cost"] / length, b)
         results.extend(rows)
         print_table(rows)
     return results

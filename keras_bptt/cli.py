@@ -24,6 +24,7 @@ import math
 import sys
 
 from keras_bptt.planning import budget as budget_lib
+from keras_bptt.planning import cost_model
 from keras_bptt.planning import planner
 
 MAX_TABLE_OPS = 20_000_000
@@ -98,9 +99,10 @@ def _add_plan_command(commands):
                          "(default: unlimited)".replace("%", "%%"))
     command.add_argument("--alpha", type=float, default=1.0,
                          help="internal-state size / hidden-state size")
-    command.add_argument("--backward-ratio", type=float, default=2.0,
+    command.add_argument("--backward-ratio", type=float,
+                         default=cost_model.DEFAULT_BACKWARD_RATIO,
                          help="backward/forward time of one step, b: predicted "
-                         "time is (cost/t + b) / (1 + b) (default 2.0)")
+                         "time is (cost/t + b) / (1 + b) (default %(default)s)")
     command.add_argument("--hidden-bytes", type=float, default=None,
                          help="bytes of one hidden state (for byte budgets)")
     command.add_argument("--segment", type=int, default=None,
@@ -155,7 +157,7 @@ def _scheme_row(scheme, length, slots, alpha, args):
         shown = f"{memory:g}"
     else:
         memory, shown = slots, f"<={slots:g}"
-    ratio = (cost / length + args.backward_ratio) / (1 + args.backward_ratio)
+    ratio = cost_model.predicted_time_ratio(cost / length, args.backward_ratio)
     full = planner.standard_bptt_memory(length, alpha)
     return _format_row(scheme, str(cost), f"{cost / length:.3f}", shown,
                        f"{100 * memory / full:.1f}%", f"{ratio:.3f}")

@@ -34,6 +34,10 @@ Known limitations:
 """
 
 import collections
+import dataclasses
+import itertools
+
+from keras_bptt.planning import budget_split
 
 
 def optimal_cost(length, memory, alpha=1, *, hidden=True, internal=True,
@@ -252,3 +256,34 @@ def fused_optimal_time(length, memory, costs, *, internal=False,
                 best[successor] = total
                 heapq.heappush(heap, (total, next(order), successor))
     return None
+
+
+# -- a model's budget split (`keras_bptt.planning.budget_split`) ----------------
+
+
+def brute_force_split(profiles, total_bytes,
+                      max_candidates=budget_split.DEFAULT_MAX_CANDIDATES,
+                      scheme=None):
+    """The best combination of `budget_split.candidates`, by trying every one.
+
+    The reference for `budget_split.split_budget`'s knapsack: every
+    combination of the layers' candidate budgets that fits `total_bytes`.
+
+    Returns:
+        `(weighted cost, bytes, choice)` of the optimum (fewest bytes among
+        equal costs), or None when no combination fits.
+    """
+    profiles = [
+        dataclasses.replace(p, scheme=scheme) if scheme else p for p in profiles
+    ]
+    curves = [budget_split.candidates(p, max_candidates) for p in profiles]
+    best = None
+    for choice in itertools.product(*(range(len(c[0])) for c in curves)):
+        used = sum(int(c[1][i]) for c, i in zip(curves, choice))
+        if used > total_bytes:
+            continue
+        cost = sum(p.step_cost * int(c[2][i])
+                   for p, c, i in zip(profiles, curves, choice))
+        if best is None or (cost, used) < best[:2]:
+            best = (cost, used, list(choice))
+    return best

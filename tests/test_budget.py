@@ -6,7 +6,7 @@ import pytest
 
 from keras_bptt.planning import budget as budget_lib
 from keras_bptt.planning import planner
-from keras_bptt.planning.budget import Budget, Bytes, Fraction, Slots, parse_budget
+from keras_bptt.planning.budget import Budget, parse_budget
 
 
 @pytest.mark.parametrize(
@@ -37,7 +37,7 @@ def test_accepted_forms(value, kind, amount):
     assert parsed.value == pytest.approx(amount)
 
 
-@pytest.mark.parametrize("value", [None, math.inf, "inf", "unlimited", "None", Slots(math.inf)])
+@pytest.mark.parametrize("value", [None, math.inf, "inf", "unlimited", "None", Budget.from_slots(math.inf)])
 def test_unlimited(value):
     parsed = parse_budget(value)
     assert parsed.is_unlimited
@@ -45,12 +45,23 @@ def test_unlimited(value):
 
 
 def test_helpers_and_budget_objects_pass_through():
-    assert parse_budget(Bytes(268435456)) == Budget("bytes", 268435456.0)
-    assert parse_budget(Fraction(0.25)) == parse_budget("25%")
-    assert parse_budget(Slots(7)) == parse_budget(7)
-    assert Bytes(100).depends_on_batch_size
+    assert parse_budget(Budget.from_bytes(268435456)) == Budget("bytes", 268435456.0)
+    assert parse_budget(Budget.from_fraction(0.25)) == parse_budget("25%")
+    assert parse_budget(Budget.from_slots(7)) == parse_budget(7)
+    assert Budget.from_bytes(100).depends_on_batch_size
     assert not parse_budget("5%").depends_on_batch_size
-    assert str(parse_budget("5%")) == "5%" and str(Slots(3)) == "3 slots"
+    assert str(parse_budget("5%")) == "5%" and str(Budget.from_slots(3)) == "3 slots"
+
+
+@pytest.mark.parametrize(
+    "old, new, value",
+    [("Slots", "from_slots", 7), ("Fraction", "from_fraction", 0.25),
+     ("Bytes", "from_bytes", 2**28)],
+)
+def test_former_constructor_names_warn_and_still_work(old, new, value):
+    with pytest.warns(DeprecationWarning, match=f"Budget.{new}"):
+        budget = getattr(budget_lib, old)(value)
+    assert budget == getattr(Budget, new)(value)
 
 
 def test_to_slots_conversions():
@@ -72,7 +83,7 @@ def test_below_one_slot(value):
     with pytest.raises(ValueError, match="smallest budget that works is 1 slot"):
         parse_budget(value)
     with pytest.raises(ValueError, match="smallest budget that works is 1 slot"):
-        Slots(0.5)
+        Budget.from_slots(0.5)
 
 
 def test_fraction_below_one_slot_names_the_smallest_fraction():

@@ -16,6 +16,7 @@ from keras_bptt.planning import budget_split
 from keras_bptt.layers import convert
 from keras_bptt.layers import model_budget
 from keras_bptt.planning.budget_split import LayerProfile
+import brute_force
 from rnn_testing import _loss
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_split_is_the_best_combination_of_candidates(seed):
     for fraction in (0.0, 0.05, 0.2, 0.6, 1.0):
         total = lowest + fraction * (standard - lowest)
         split = budget_split.split_budget(profiles, total, max_candidates=12)
-        best_cost, best_bytes, _ = budget_split.brute_force_split(
+        best_cost, best_bytes, _ = brute_force.brute_force_split(
             profiles, total, max_candidates=12
         )
         assert budget_split.weighted_cost(profiles, split) == pytest.approx(best_cost)
@@ -224,7 +225,7 @@ def test_split_of_a_small_model_matches_brute_force():
     standard = sum(p.standard_bytes for p in profiles)
     for fraction in (0.05, 0.15, 0.4):
         split = budget_split.split_budget(profiles, fraction * standard, max_candidates=8)
-        best_cost, _, _ = budget_split.brute_force_split(
+        best_cost, _, _ = brute_force.brute_force_split(
             profiles, fraction * standard, max_candidates=8
         )
         assert budget_split.weighted_cost(profiles, split) == pytest.approx(best_cost)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import brute_force
-from keras_bptt.planning import _msm as _planner_msm, planner, simulator
+from keras_bptt.planning import _msm as _planner_msm, planner, schedule, simulator
 from keras_bptt.planning import plan as plan_lib
 
 DP_SCHEMES = ("hsm", "ism", "msm")
@@ -311,7 +311,7 @@ def test_msm_table_on_a_grid_equals_recursion(alpha, hidden):
     for t in (2, 57, 120):
         for m in range(hidden, memory + 1, 7):
             kind, y = table.split(t, m)
-            if kind == _planner_msm.HIDDEN:
+            if kind == schedule.HIDDEN:
                 value = y + expected[y, m] + expected[t - y, m - hidden]
             elif y == t:
                 value = t + expected[t - 1, m]

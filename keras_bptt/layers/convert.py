@@ -32,6 +32,7 @@ import keras
 
 from keras_bptt.planning import budget as budget_lib
 from keras_bptt.planning import budget_split
+from keras_bptt.planning import cost_model
 from keras_bptt.layers import keras_layers
 from keras_bptt.layers import model_budget
 from keras_bptt.layers.rnn import LAYER_SCHEMES
@@ -130,7 +131,7 @@ def _slots_value(slots):
 
 
 def plan_split(model, memory_budget, scheme="auto", *, batch_size=None,
-               backward_ratio=budget_split.DEFAULT_BACKWARD_RATIO,
+               backward_ratio=cost_model.DEFAULT_BACKWARD_RATIO,
                max_candidates=budget_split.DEFAULT_MAX_CANDIDATES):
     """Each recurrent layer's budget under one model budget.
 
@@ -226,7 +227,7 @@ def with_memory_budget(
     scheme="auto",
     *,
     batch_size=None,
-    backward_ratio=budget_split.DEFAULT_BACKWARD_RATIO,
+    backward_ratio=cost_model.DEFAULT_BACKWARD_RATIO,
     max_candidates=budget_split.DEFAULT_MAX_CANDIDATES,
 ):
     """A copy of `model` whose recurrent layers share one memory budget.
@@ -242,8 +243,9 @@ def with_memory_budget(
     Args:
         model: A built Sequential or Functional model.
         memory_budget: One budget for all the recurrent layers together:
-            - bytes (`"256MB"`, `"1.5GiB"`, `keras_bptt.planning.budget.Bytes(n)`),
-              per replica, for the batch size `batch_size`;
+            - bytes (`"256MB"`, `"1.5GiB"`,
+              `keras_bptt.planning.budget.Budget.from_bytes(n)`), per
+              replica, for the batch size `batch_size`;
             - a fraction of what standard BPTT keeps for all the recurrent
               layers together (`0.05`, `"5%"`);
             - `None`: unlimited (standard BPTT in every layer);

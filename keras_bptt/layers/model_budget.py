@@ -33,14 +33,13 @@ import numpy as np
 import tensorflow as tf
 
 from keras_bptt.planning import budget_split
+from keras_bptt.planning import cost_model
 from keras_bptt.execution import cell_memory
 from keras_bptt.execution import internal_states
 from keras_bptt.planning import planner
 from keras_bptt.execution import steps as steps_lib
 from keras_bptt.layers.rnn import MemoryBudgetRNN
 from keras_bptt.layers.rnn import _stores_internal_states
-
-DEFAULT_BACKWARD_RATIO = budget_split.DEFAULT_BACKWARD_RATIO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,11 +350,12 @@ def _report(entry, batch_size, backward_ratio):
         cost = plan.cost
     row.stored_bytes = row.stored_slots * slot_bytes
     row.recomputed = cost - t
-    row.time_ratio = (cost / t + backward_ratio) / (1.0 + backward_ratio)
+    row.time_ratio = cost_model.predicted_time_ratio(cost / t, backward_ratio)
     return row, batch
 
 
-def summary_lines(model, batch_size=None, backward_ratio=DEFAULT_BACKWARD_RATIO):
+def summary_lines(model, batch_size=None,
+                  backward_ratio=cost_model.DEFAULT_BACKWARD_RATIO):
     """The lines `summary` prints (see there)."""
     entries = recurrent_layers(
         model, predicate=lambda layer: isinstance(layer, MemoryBudgetRNN)
@@ -445,7 +445,8 @@ def summary_lines(model, batch_size=None, backward_ratio=DEFAULT_BACKWARD_RATIO)
     return lines
 
 
-def summary(model, *, batch_size=None, backward_ratio=DEFAULT_BACKWARD_RATIO,
+def summary(model, *, batch_size=None,
+            backward_ratio=cost_model.DEFAULT_BACKWARD_RATIO,
             print_fn=None):
     """Prints each budgeted recurrent layer's plan and the model's total.
 

@@ -86,7 +86,8 @@ move slowly with n).
 
 Helpers: `_fill_tables` fills A and B (`_fill_row` one row of both;
 `_splits` the hidden and internal splits of A or B, `_best_split` one of
-those four branches); `EarlyReleaseTable.cost`
+those four branches, scanned as `msm`'s are by
+`keras_bptt.planning._tables.scan_splits`); `EarlyReleaseTable.cost`
 reads A/B or their closed forms; `EarlyReleaseTable.split` finds an optimal
 first action of A/B (closed-form actions where certified, else
 `_table_split` scans the recursion's branches) for
@@ -122,11 +123,11 @@ import numpy as np
 
 from keras_bptt.planning import _closed_form as closed_form
 from keras_bptt.planning import _msm as msm
+from keras_bptt.planning import _tables
 from keras_bptt.planning import schedule
 
-_COLUMN_GROUP = 64
 _ROW_WORK = 65_000  # a row's fixed cost (about 65 us) in split evaluations
-_RECENT_TABLES = collections.deque(maxlen=4)
+_RECENT_TABLES = _tables.TableCache(maxlen=4)
 # What filling a row needs (`_fill_tables`): the tables, sizes, bounds kB and
 # kA per column, and scratch space for one group of split evaluations.
 _Fill = collections.namedtuple(
@@ -171,23 +172,21 @@ def estimated_work(length, width, alpha, hidden=1):
     if width < first:
         return 0
     rows = np.arange(2, length + 1, dtype=np.int64)
-    last = np.minimum(
-        width, _last_column(msm.certified_internal_slots(rows), alpha, hidden))
-    splits = 4 * np.sum((rows - 1) * np.clip(last - first + 1, 0, None))
-    return int(splits + _ROW_WORK * len(rows))
+    last = _last_column(msm.certified_internal_slots(rows), alpha, hidden)
+    splits = _tables.unpruned_split_evaluations(
+        length, width, first, last, branches=4)
+    return splits + _ROW_WORK * len(rows)
 
 
 def shared_table(length, width, alpha, hidden=1):
-    """A table covering (t, width), reused across plans (auto, CLI, layers)."""
-    for table in _RECENT_TABLES:
-        if (table.alpha, table.hidden) == (alpha, hidden) and table.covers(
-            length, width
-        ):
-            return table
-    table = EarlyReleaseTable(length, width, alpha, hidden)
-    if width >= max(hidden, alpha):
-        _RECENT_TABLES.append(table)
-    return table
+    """A table covering (t, width), reused across plans (auto, CLI, layers).
+
+    Tables narrower than `max(hidden, alpha)` have nothing to fill and are
+    not cached.
+    """
+    return _RECENT_TABLES.covering(
+        EarlyReleaseTable, length, width, alpha, hidden,
+        keep=width >= max(hidden, alpha))
 
 
 class EarlyReleaseTable:
@@ -274,14 +273,14 @@ def _table_split(a, b, n, m, alpha, hidden, releasable):
     if n + table[m, n - 1] == target:
         return schedule.INTERNAL, n
     splits = np.arange(1, n)
-    branches = ((schedule.HIDDEN, table[m, 1:n] + a[m - hidden, n - 1:0:-1]),)
+    branches = ((schedule.HIDDEN,
+                 splits + table[m, 1:n] + a[m - hidden, n - 1:0:-1]),)
     if m >= alpha:
-        branches += (
-            (schedule.INTERNAL, table[m, :n - 1] + b[m - alpha, n - 1:0:-1]),)
-    for kind, values in branches:
-        (attaining,) = np.nonzero(splits + values == target)
-        if len(attaining):
-            return kind, int(splits[attaining[0]])
+        branches += ((schedule.INTERNAL,
+                      splits + table[m, :n - 1] + b[m - alpha, n - 1:0:-1]),)
+    found = _tables.first_attaining_split(target, branches)
+    if found is not None:
+        return found
     if releasable and m >= alpha and 1 + b[m - alpha + hidden, n - 1] == target:
         return schedule.RELEASE, 1
     raise AssertionError(f"early-release table inconsistent at n={n}, m={m}")
@@ -299,14 +298,9 @@ def _fill_tables(length, width, alpha, hidden):
     if width < first:
         return None, None
     a_width, width = width, width + max(0, hidden - alpha)
-    dtype = np.int32 if length * (length + 1) < 2**30 else np.int64
-    shape = (width + 1, length + 1)
-    a, b = np.zeros(shape, dtype), np.zeros(shape, dtype)
-    a[:hidden] = b[:hidden] = np.iinfo(dtype).max // 4
-    a[hidden:, 1] = b[hidden:, 1] = 1
-    for m in range(hidden, min(width, hidden + alpha - 1) + 1):  # B's HSM
-        a[m] = b[m] = [closed_form.hsm_cost(n, m // hidden)
-                       for n in range(length + 1)]
+    a = _tables.new_table(length, width, alpha, hidden)  # B's HSM columns
+    a[hidden:, 1] = 1
+    b = a.copy()
     memory = np.arange(width + 1)
     k_held = np.maximum(memory - hidden, 0) // alpha
     k_released = memory // alpha
@@ -315,7 +309,7 @@ def _fill_tables(length, width, alpha, hidden):
     a_plus[:, 1] = b_plus[:, 1] = 2
     guesses = np.ones((4, width + 1), dtype=np.int64)
     fill = _Fill(a, b, alpha, hidden, k_held, k_released,
-                 np.empty(length * _COLUMN_GROUP, dtype=dtype))
+                 np.empty(length * _tables.COLUMN_GROUP, dtype=a.dtype))
     certified = msm.certified_internal_slots(np.arange(length + 1))
     for n in range(2, length + 1):
         # Columns above `last` are certified for A and B (module docstring).
@@ -370,32 +364,18 @@ def _best_split(best, columns, n, left, internal, right, shift, bound_offset,
 
     A hidden split (`internal` 0) costs `left[m, y] + right[m - shift, n - y]`,
     an internal one `left[m, y - 1] + 1 + right[m - shift, n - y]`, with
-    `left[m, y]` = y + (the left part's cost at y). By the lower bounds of
-    the module docstring a split y cannot win above `best - 2n +
-    bound_offset`. `guess` holds each column's last winning split.
+    `left[m, y]` = y + (the left part's cost at y): first at each column's
+    last winning split (`guess`), then at every split that the lower bounds
+    of the module docstring leave (a split y cannot win above `best - 2n +
+    bound_offset`), by `_tables.scan_splits`.
     """
     if not len(columns):
         return best
-    y = np.minimum(guess[columns], n - 1)
-    at_guess = (left[columns, y - internal] + internal
-                + right[columns - shift, n - y])
-    best = np.minimum(best, at_guess)
-    useful = best - 2 * n + bound_offset
-    for start in range(0, len(columns), _COLUMN_GROUP):
-        group = slice(start, start + _COLUMN_GROUP)
-        splits = min(n - 1, int(useful[group].max()))
-        if splits < 1:
-            continue
-        m0, m1 = int(columns[group][0]), int(columns[group][-1]) + 1
-        values = scratch[: (m1 - m0) * splits].reshape(m1 - m0, splits)
-        np.add(left[m0:m1, 1 - internal: splits + 1 - internal],
-               right[m0 - shift: m1 - shift, n - splits: n][:, ::-1], out=values)
-        argmin = values.argmin(axis=1)
-        found = values[np.arange(m1 - m0), argmin] + internal
-        better = found < best[group]
-        best[group] = np.where(better, found, best[group])
-        guess[m0:m1] = np.where(better, argmin + 1, guess[m0:m1])
-    return best
+    branch = _tables.SplitBranch(left, internal, right, shift)
+    at_guess = np.minimum(guess[columns], n - 1)
+    best = np.minimum(best, _tables.value_at(branch, columns, n, at_guess))
+    return _tables.scan_splits(branch, best, columns, n, bound_offset, guess,
+                               scratch)
 
 
 def clear_caches():

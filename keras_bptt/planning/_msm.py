@@ -39,7 +39,9 @@ limits the splits worth evaluating: a hidden split y can only beat a known
 upper bound U if `y <= U - 2t + S(m) + S(m-hidden) - 1` (S = k + 1), an
 internal one if `y <= U - 2t + 1 + S(m) + S(m-alpha)`. U comes from the no-storage
 branch and from each column's previous optimal split (splits move slowly
-with t, so that guess is usually optimal and the bound is tight).
+with t, so that guess is usually optimal and the bound is tight). That scan,
+and the cache of recent tables, are shared with `msm_early`
+(`keras_bptt.planning._tables`).
 
 Known limitations:
 
@@ -57,13 +59,17 @@ import collections
 import numpy as np
 
 from keras_bptt.planning import _closed_form as closed_form
+from keras_bptt.planning import _tables
+from keras_bptt.planning import schedule
 
-HIDDEN = 0
-INTERNAL = 1
-_COLUMN_GROUP = 64
-
-
-_RECENT_TABLES = collections.deque(maxlen=4)
+_RECENT_TABLES = _tables.TableCache(maxlen=4)
+# What filling a row needs (`_fill_table`): the table, `left[m, y] = y +
+# R(y, m)`, the first-sweep bound S(m) per column, each column's last
+# optimal hidden and internal split, and scratch space for one group of
+# split evaluations.
+_Fill = collections.namedtuple(
+    "_Fill", "table left first_sweep_bound guess_hidden guess_internal "
+    "scratch alpha hidden")
 
 
 def certified_internal_slots(length):
@@ -103,28 +109,26 @@ def _last_table_column(certified, alpha, hidden):
 
 
 def estimated_work(length, width, alpha, hidden=1):
-    """Split evaluations of the unpruned table fill (an upper bound)."""
+    """Split evaluations of the unpruned table fill (an upper bound).
+
+    Two split branches (hidden, internal) per cell, in the columns from
+    `hidden + alpha` (the first that holds an internal state) to the row's
+    `_last_table_column`.
+    """
     rows = np.arange(2, length + 1, dtype=np.int64)
-    last_column = np.minimum(
-        width, _last_table_column(certified_internal_slots(rows), alpha, hidden)
-    )
-    columns = np.clip(last_column - (hidden + alpha - 1), 0, None)
-    return int(2 * np.sum((rows - 1) * columns))
+    last_column = _last_table_column(certified_internal_slots(rows), alpha, hidden)
+    return _tables.unpruned_split_evaluations(
+        length, width, hidden + alpha, last_column, branches=2)
 
 
 def shared_table(length, width, alpha, hidden=1):
-    """A table covering (t, width), reused across plans (CLI curves, layers)."""
-    if width < hidden + alpha:
-        # Closed forms only: nothing to fill.
-        return MsmTable(length, width, alpha, hidden)
-    for table in _RECENT_TABLES:
-        if (table.alpha, table.hidden) == (alpha, hidden) and table.covers(
-            length, width
-        ):
-            return table
-    table = MsmTable(length, width, alpha, hidden)
-    _RECENT_TABLES.append(table)
-    return table
+    """A table covering (t, width), reused across plans (CLI curves, layers).
+
+    A table with `width < hidden + alpha` has nothing to fill (closed forms
+    only) and is not cached.
+    """
+    return _RECENT_TABLES.covering(
+        MsmTable, length, width, alpha, hidden, keep=width >= hidden + alpha)
 
 
 class MsmTable:
@@ -164,61 +168,67 @@ class MsmTable:
     def split(self, length, memory):
         """An optimal first action at (t, m) as `(HIDDEN | INTERNAL, y)`.
 
-        `(INTERNAL, t)` stores nothing: forward to t and backpropagate it.
+        `(INTERNAL, t)` stores nothing: forward to t and backpropagate it
+        (`keras_bptt.planning.schedule`'s actions).
         """
         if length == 1:
-            return INTERNAL, length
+            return schedule.INTERNAL, length
         if memory < self.hidden + self.alpha:
             slots = memory // self.hidden
             if slots == 1:
-                return INTERNAL, length
-            return HIDDEN, closed_form.hsm_split(length, slots)
+                return schedule.INTERNAL, length
+            return schedule.HIDDEN, closed_form.hsm_split(length, slots)
         k = (memory - self.hidden) // self.alpha
         if k >= certified_internal_slots(length):
-            return INTERNAL, closed_form.ism_split(length, k)
+            return schedule.INTERNAL, closed_form.ism_split(length, k)
         return _optimal_table_split(
             self._table, length, memory, self.alpha, self.hidden
         )
 
 
 def _optimal_table_split(table, length, memory, alpha, hidden_units):
-    """Backtracks one cell: the first branch and split that attain R(t, m)."""
+    """Backtracks one cell: the first branch and split that attain R(t, m).
+
+    The branches of the recursion (module docstring) in the order no store,
+    store h_y, store s_y.
+    """
     n, m, splits = length, memory, np.arange(1, length)
-    hidden = splits + table[m, 1:n] + table[m - hidden_units, n - 1 : 0 : -1]
-    internal = splits + table[m - alpha, n - 1 : 0 : -1] + table[m, : n - 1]
     target = table[m, n]
     if n + table[m, n - 1] == target:
-        return INTERNAL, n
-    for kind, values in ((HIDDEN, hidden), (INTERNAL, internal)):
-        (attaining,) = np.nonzero(values == target)
-        if len(attaining):
-            return kind, int(splits[attaining[0]])
-    raise AssertionError(f"MSM table inconsistent at t={n}, m={m}")
+        return schedule.INTERNAL, n
+    found = _tables.first_attaining_split(target, (
+        (schedule.HIDDEN,
+         splits + table[m, 1:n] + table[m - hidden_units, n - 1: 0: -1]),
+        (schedule.INTERNAL,
+         splits + table[m - alpha, n - 1: 0: -1] + table[m, : n - 1]),
+    ))
+    if found is None:
+        raise AssertionError(f"MSM table inconsistent at t={n}, m={m}")
+    return found
 
 
 def _fill_table(length, width, alpha, hidden=1):
-    """Fills `table[m, t] = R(t, m)` for `t <= length`, `m <= width`.
+    """Fills `table[m, n] = R(n, m)` for `n <= length`, `m <= width`.
 
-    Returns None when `width < hidden + alpha`: then every cell has a closed
-    form.
+    Row by row (n ascending): the columns of HSM's and ISM's closed forms
+    directly, the strip between them by `_fill_row`. Returns None when
+    `width < hidden + alpha`: then every cell has a closed form.
     """
     if width < hidden + alpha:
         return None
-    dtype = np.int32 if length * (length + 1) < 2**30 else np.int64
-    table = np.zeros((width + 1, length + 1), dtype=dtype)
-    table[:hidden] = np.iinfo(dtype).max // 4  # m < hidden is never feasible
+    table = _tables.new_table(length, width, alpha, hidden)
     hsm_columns = min(hidden + alpha - 1, width)  # no internal state fits
-    for slots in range(1, hsm_columns // hidden + 1):
-        rows = slice(slots * hidden, min((slots + 1) * hidden, hsm_columns + 1))
-        table[rows] = [closed_form.hsm_cost(n, slots) for n in range(length + 1)]
     memory = np.arange(width + 1)
-    first_sweep_bound = 1 + (memory - hidden) // alpha  # S(m) = k + 1
-    # left_hidden[m, y] = y + R(y, m); left_internal[m, y] = y + R(y - 1, m).
-    left_hidden = np.zeros_like(table)
-    left_internal = np.zeros_like(table)
-    left_internal[:, 1] = 1
-    guesses = (np.ones(width + 1, np.int64), np.ones(width + 1, np.int64))
-    scratch = np.empty(length * (width + 1), dtype=dtype)
+    fill = _Fill(
+        table=table,
+        left=np.zeros_like(table),
+        first_sweep_bound=1 + (memory - hidden) // alpha,  # S(m) = k + 1
+        guess_hidden=np.ones(width + 1, np.int64),
+        guess_internal=np.ones(width + 1, np.int64),
+        scratch=np.empty(length * _tables.COLUMN_GROUP, dtype=table.dtype),
+        alpha=alpha,
+        hidden=hidden,
+    )
     for n in range(1, length + 1):
         column = table[:, n]
         last_table_column = min(
@@ -229,52 +239,35 @@ def _fill_table(length, width, alpha, hidden=1):
         column[closed:] = np.maximum(n, 2 * n - 1 - k)
         if n >= 2 and last_table_column > hsm_columns:
             columns = memory[hsm_columns + 1 : last_table_column + 1]
-            column[columns] = _fill_row(
-                table, left_hidden, left_internal, n, columns, alpha, hidden,
-                first_sweep_bound, guesses, scratch,
-            )
-        left_hidden[:, n] = n + column
-        if n < length:
-            left_internal[:, n + 1] = n + 1 + column
+            column[columns] = _fill_row(fill, n, columns)
+        fill.left[:, n] = n + column
     return table
 
 
-def _fill_row(table, left_hidden, left_internal, n, columns, alpha, hidden,
-              first_sweep_bound, guesses, scratch):
-    """R(n, m) for the table columns of row n (rows < n already filled)."""
-    guess_hidden, guess_internal = guesses
-    y_hidden = np.minimum(guess_hidden[columns], n - 1)
-    y_internal = np.minimum(guess_internal[columns], n - 1)
-    best = np.minimum(
-        n + table[columns, n - 1],
-        np.minimum(
-            left_hidden[columns, y_hidden]
-            + table[columns - hidden, n - y_hidden],
-            left_internal[columns, y_internal]
-            + table[columns - alpha, n - y_internal],
-        ),
-    )
-    bound = first_sweep_bound
+def _fill_row(fill, n, columns):
+    """R(n, m) for the table columns of row n (rows < n already filled).
+
+    The recursion's three branches: no store, then each split branch at
+    its column's previous optimal split (a tight first bound), then both
+    split branches over the splits that bound leaves (`_tables.scan_splits`):
+    a hidden split y can only win if `y <= best - 2n + S(m) + S(m - hidden)
+    - 1`, an internal one if `y <= best - 2n + S(m) + S(m - alpha) + 1`
+    (module docstring).
+    """
+    table, bound = fill.table, fill.first_sweep_bound
     branches = (
-        (left_hidden, hidden, guess_hidden, bound[columns - hidden] - 1),
-        (left_internal, alpha, guess_internal, bound[columns - alpha] + 1),
+        (_tables.SplitBranch(fill.left, 0, table, fill.hidden),
+         fill.guess_hidden, bound[columns - fill.hidden] - 1),
+        (_tables.SplitBranch(fill.left, 1, table, fill.alpha),
+         fill.guess_internal, bound[columns - fill.alpha] + 1),
     )
-    for left, shift, guess, bound_offset in branches:
-        last_useful_split = best - 2 * n + bound[columns] + bound_offset
-        for start in range(0, len(columns), _COLUMN_GROUP):
-            group = slice(start, start + _COLUMN_GROUP)
-            splits = min(n - 1, int(last_useful_split[group].max()))
-            if splits < 1:
-                continue
-            m0, m1 = columns[group][0], columns[group][-1] + 1
-            values = scratch[: (m1 - m0) * splits].reshape(m1 - m0, splits)
-            right = table[m0 - shift : m1 - shift, n - splits : n][:, ::-1]
-            np.add(left[m0:m1, 1 : splits + 1], right, out=values)
-            argmin = values.argmin(axis=1)
-            found = values[np.arange(m1 - m0), argmin]
-            better = found < best[group]
-            best[group] = np.where(better, found, best[group])
-            guess[m0:m1] = np.where(better, argmin + 1, guess[m0:m1])
+    best = n + table[columns, n - 1]
+    for branch, guess, _ in branches:
+        at_guess = np.minimum(guess[columns], n - 1)
+        best = np.minimum(best, _tables.value_at(branch, columns, n, at_guess))
+    for branch, guess, bound_offset in branches:
+        _tables.scan_splits(branch, best, columns, n,
+                            bound[columns] + bound_offset, guess, fill.scratch)
     return best
 
 

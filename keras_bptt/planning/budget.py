@@ -2,12 +2,14 @@
 
 A budget says how much the backward pass may store, in one of four forms:
 
-* slots -- hidden-state units, h_0 included (`12`, `Slots(12)`, `"12"`);
+* slots -- hidden-state units, h_0 included (`12`, `Budget.from_slots(12)`,
+  `"12"`);
 * a fraction of standard BPTT's memory `1 + (t-1) * alpha` slots
-  (`0.05`, `"5%"`, `Fraction(0.05)`);
-* bytes (`"256MB"`, `"1.5GiB"`, `"512KiB"`, `"1e9B"`, `Bytes(268435456)`),
-  converted with the byte size of one hidden state; SI prefixes are powers of
-  1000 (`MB` = 10**6), binary ones powers of 1024 (`MiB` = 2**20);
+  (`0.05`, `"5%"`, `Budget.from_fraction(0.05)`);
+* bytes (`"256MB"`, `"1.5GiB"`, `"512KiB"`, `"1e9B"`,
+  `Budget.from_bytes(268435456)`), converted with the byte size of one
+  hidden state; SI prefixes are powers of 1000 (`MB` = 10**6), binary ones
+  powers of 1024 (`MiB` = 2**20);
 * unlimited (`None`, `math.inf`, `"unlimited"`, `"inf"`) -- standard BPTT.
 
 `parse_budget` turns any of these into a `Budget`; `Budget.to_slots` turns a
@@ -18,8 +20,10 @@ Backpropagation Through Time" (NIPS 2016), see `keras_bptt.planning.plan`.
 Known limitations:
 
 * A float is a fraction when it is in (0, 1] and a number of slots when it is
-  larger, so `1.0` means 100% while `1` means one slot. Use `Slots(1.0)` or
-  `Fraction(...)` to be explicit.
+  larger, so `1.0` means 100% while `1` means one slot. Use
+  `Budget.from_slots(1.0)` or `Budget.from_fraction(...)` to be explicit.
+* `Slots`, `Fraction` and `Bytes`, the constructors' former names, still
+  work but warn (`DeprecationWarning`, naming the replacement).
 * Unit letters are case-insensitive (`mb` is megabytes, not megabits).
 """
 
@@ -27,6 +31,7 @@ import dataclasses
 import math
 import numbers
 import re
+import warnings
 
 from keras_bptt.planning import planner
 
@@ -34,7 +39,8 @@ ACCEPTED_FORMS = (
     "an int number of slots (h_0 included, >= 1), a float fraction of "
     "standard BPTT's memory in (0, 1] (or a float > 1: slots), a percentage "
     "string like '5%', a byte size like '256MB', '1.5GiB' or '1e9B', a "
-    "Budget (Slots(n), Fraction(x), Bytes(n)), or None/'unlimited'"
+    "Budget (Budget.from_slots(n), Budget.from_fraction(x), "
+    "Budget.from_bytes(n)), or None/'unlimited'"
 )
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?"
 _BUDGET_PATTERN = re.compile(rf"^({_NUMBER})\s*([a-z%]*)$")
@@ -120,6 +126,54 @@ class Budget:
             )
         return slots
 
+    @classmethod
+    def from_slots(cls, slots):
+        """A budget of `slots` hidden-state units, h_0 included (>= 1).
+
+        Example:
+
+        >>> Budget.from_slots(12).to_slots(1000)
+        12.0
+        """
+        if isinstance(slots, bool) or not isinstance(slots, numbers.Real):
+            raise ValueError(f"Budget.from_slots takes a number, got {slots!r}.")
+        if math.isinf(slots) and slots > 0:
+            return UNLIMITED
+        if not slots >= 1:
+            raise ValueError(
+                f"A budget of {slots!r} slots cannot hold h_0: the smallest "
+                "budget that works is 1 slot."
+            )
+        return cls("slots", float(slots))
+
+    @classmethod
+    def from_fraction(cls, fraction):
+        """A budget of `fraction` (in (0, 1]) of standard BPTT's memory.
+
+        Example:
+
+        >>> Budget.from_fraction(0.05).to_slots(1000, alpha=3)
+        149.9
+        """
+        value = _positive_number(fraction, "Budget.from_fraction")
+        if value > 1:
+            raise ValueError(
+                f"A fraction of standard BPTT's memory must be in (0, 1], got "
+                f"{value:g}; for unlimited memory use None."
+            )
+        return cls("fraction", value)
+
+    @classmethod
+    def from_bytes(cls, num_bytes):
+        """A budget of `num_bytes` bytes (converted with the hidden-state size).
+
+        Example:
+
+        >>> Budget.from_bytes(268435456).to_slots(1000, hidden_bytes=2**20)
+        256.0
+        """
+        return cls("bytes", _positive_number(num_bytes, "Budget.from_bytes"))
+
     def __str__(self):
         if self.kind == "fraction":
             return f"{self.value * 100:g}%"
@@ -133,52 +187,27 @@ class Budget:
 UNLIMITED = Budget("unlimited", math.inf)
 
 
-def Slots(slots):  # noqa: N802 -- reads as a type in user code
-    """A budget of `slots` hidden-state units, h_0 included (>= 1).
+def _deprecated_constructor(name, replacement):
+    """`replacement` under its former name `name`, warning on each call."""
 
-    Example:
-
-    >>> Slots(12).to_slots(1000)
-    12.0
-    """
-    if isinstance(slots, bool) or not isinstance(slots, numbers.Real):
-        raise ValueError(f"Slots takes a number, got {slots!r}.")
-    if math.isinf(slots) and slots > 0:
-        return UNLIMITED
-    if not slots >= 1:
-        raise ValueError(
-            f"A budget of {slots!r} slots cannot hold h_0: the smallest budget "
-            "that works is 1 slot."
+    def constructor(value):
+        warnings.warn(
+            f"keras_bptt.budget.{name} is deprecated; use "
+            f"keras_bptt.budget.Budget.{replacement.__name__} instead.",
+            DeprecationWarning,
+            stacklevel=2,
         )
-    return Budget("slots", float(slots))
+        return replacement(value)
+
+    constructor.__name__ = constructor.__qualname__ = name
+    constructor.__doc__ = (
+        f"Deprecated alias of `Budget.{replacement.__name__}`.")
+    return constructor
 
 
-def Fraction(fraction):  # noqa: N802
-    """A budget of `fraction` (in (0, 1]) of standard BPTT's memory.
-
-    Example:
-
-    >>> Fraction(0.05).to_slots(1000, alpha=3)
-    149.9
-    """
-    value = _positive_number(fraction, "Fraction")
-    if value > 1:
-        raise ValueError(
-            f"A fraction of standard BPTT's memory must be in (0, 1], got "
-            f"{value:g}; for unlimited memory use None."
-        )
-    return Budget("fraction", value)
-
-
-def Bytes(num_bytes):  # noqa: N802
-    """A budget of `num_bytes` bytes (converted with the hidden-state size).
-
-    Example:
-
-    >>> Bytes(268435456).to_slots(1000, hidden_bytes=2**20)
-    256.0
-    """
-    return Budget("bytes", _positive_number(num_bytes, "Bytes"))
+Slots = _deprecated_constructor("Slots", Budget.from_slots)
+Fraction = _deprecated_constructor("Fraction", Budget.from_fraction)
+Bytes = _deprecated_constructor("Bytes", Budget.from_bytes)
 
 
 def parse_budget(value):
@@ -212,7 +241,7 @@ def parse_budget(value):
     if math.isinf(value) and value > 0:
         return UNLIMITED
     if isinstance(value, numbers.Integral):
-        return Slots(value)
+        return Budget.from_slots(value)
     return _from_float(value)
 
 
@@ -225,20 +254,22 @@ def _parse_string(text):
         raise ValueError(f"Cannot read {text!r} as a memory budget; use {ACCEPTED_FORMS}.")
     number, unit = match.groups()
     if unit == "%":
-        return Fraction(float(number) / 100)
+        return Budget.from_fraction(float(number) / 100)
     if unit in _BYTE_UNITS:
-        return Bytes(float(number) * _BYTE_UNITS[unit])
+        return Budget.from_bytes(float(number) * _BYTE_UNITS[unit])
     if unit not in _SLOT_UNITS:
         raise ValueError(
             f"Unknown unit {unit!r} in memory budget {text!r}; use {ACCEPTED_FORMS}."
         )
     if re.fullmatch(r"[+-]?\d+", number):
-        return Slots(int(number))
+        return Budget.from_slots(int(number))
     return _from_float(float(number))
 
 
 def _from_float(value):
-    return Fraction(value) if 0 < value <= 1 else Slots(value)
+    if 0 < value <= 1:
+        return Budget.from_fraction(value)
+    return Budget.from_slots(value)
 
 
 def _positive_number(value, what):

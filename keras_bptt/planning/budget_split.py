@@ -20,7 +20,8 @@ takes
     time_i(m) = w_i * (c_i(m) + b * t_i),
 
 and `w_i * t_i * (1 + b)` with standard BPTT (`c_i = t_i`): per layer the
-planner's ratio `(c_i/t_i + b) / (1 + b)`. The model's predicted time is
+planner's ratio `(c_i/t_i + b) / (1 + b)` (the cost model,
+`keras_bptt.planning.cost_model`, times `w_i`). The model's predicted time is
 the sum over its recurrent layers, so the split minimises
 `sum_i w_i * c_i(m_i)`; b only scales the reported ratio (as for `auto`).
 
@@ -63,14 +64,13 @@ Example:
 
 import dataclasses
 import functools
-import itertools
 import math
 
 import numpy as np
 
+from keras_bptt.planning import cost_model
 from keras_bptt.planning import planner
 
-DEFAULT_BACKWARD_RATIO = 2.0
 DEFAULT_MAX_CANDIDATES = 64
 _MAX_EXACT_CANDIDATES = 600
 _GRID_DENOMINATORS = range(1, 9)  # planner._GRIDS
@@ -140,12 +140,15 @@ class LayerProfile:
             tuple(sorted(self.options().items())),
         )
 
-    def time(self, cost, backward_ratio=DEFAULT_BACKWARD_RATIO):
+    def time(self, cost, backward_ratio=cost_model.DEFAULT_BACKWARD_RATIO):
         """Predicted time of a training step with a plan of `cost`."""
-        return self.step_cost * (cost + backward_ratio * self.length)
+        return cost_model.step_time(cost, self.length, backward_ratio,
+                                    self.step_cost)
 
-    def standard_time(self, backward_ratio=DEFAULT_BACKWARD_RATIO):
-        return self.step_cost * self.length * (1.0 + backward_ratio)
+    def standard_time(self, backward_ratio=cost_model.DEFAULT_BACKWARD_RATIO):
+        """Predicted time of a training step with standard BPTT."""
+        return cost_model.standard_time(self.length, backward_ratio,
+                                        self.step_cost)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +311,7 @@ def split_budget(
     profiles,
     total_bytes,
     *,
-    backward_ratio=DEFAULT_BACKWARD_RATIO,
+    backward_ratio=cost_model.DEFAULT_BACKWARD_RATIO,
     max_candidates=DEFAULT_MAX_CANDIDATES,
     scheme=None,
 ):
@@ -411,30 +414,6 @@ def _make_split(profiles, curves, choice, total_bytes, backward_ratio):
         standard_bytes=float(sum(p.standard_bytes for p in profiles)),
         time_ratio=time / standard_time,
     )
-
-
-def brute_force_split(profiles, total_bytes, max_candidates=DEFAULT_MAX_CANDIDATES,
-                      scheme=None):
-    """The best combination of `candidates`, by trying every one (tests).
-
-    Returns:
-        `(weighted cost, bytes, choice)` of the optimum (fewest bytes among
-        equal costs), or None when no combination fits.
-    """
-    profiles = [
-        dataclasses.replace(p, scheme=scheme) if scheme else p for p in profiles
-    ]
-    curves = [candidates(p, max_candidates) for p in profiles]
-    best = None
-    for choice in itertools.product(*(range(len(c[0])) for c in curves)):
-        used = sum(int(c[1][i]) for c, i in zip(curves, choice))
-        if used > total_bytes:
-            continue
-        cost = sum(p.step_cost * int(c[2][i])
-                   for p, c, i in zip(profiles, curves, choice))
-        if best is None or (cost, used) < best[:2]:
-            best = (cost, used, list(choice))
-    return best
 
 
 def weighted_cost(profiles, split):

@@ -56,6 +56,8 @@ import dataclasses
 
 import numpy as np
 
+from keras_bptt.planning import cost_model
+
 FORWARD = 0
 FORWARD_STORE_INTERNAL = 1
 STORE_HIDDEN = 2
@@ -119,14 +121,16 @@ class Plan:
         is_backward = np.isin(self.ops[:, 0], (BACKWARD, BACKWARD_INTERNAL))
         return int(np.argmax(is_backward)) if is_backward.any() else len(self.ops)
 
-    def predicted_time_ratio(self, backward_forward_ratio=2.0):
+    def predicted_time_ratio(
+        self, backward_forward_ratio=cost_model.DEFAULT_BACKWARD_RATIO
+    ):
         """Predicted step time relative to standard BPTT.
 
         `(cost / t + b) / (1 + b)` with `b` the backward/forward time ratio of
         one step (docs/cost-model.md; about 2 for an LSTM, measure it).
         """
-        b = float(backward_forward_ratio)
-        return (self.cost_per_step + b) / (1.0 + b)
+        return cost_model.predicted_time_ratio(
+            self.cost_per_step, backward_forward_ratio)
 
     def summary(self):
         """A one-line human-readable description."""

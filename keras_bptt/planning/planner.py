@@ -90,6 +90,7 @@ import warnings
 from keras_bptt.planning import _closed_form as closed_form
 from keras_bptt.planning import _early_release as early_release
 from keras_bptt.planning import _msm as msm
+from keras_bptt.planning import cost_model
 from keras_bptt.planning import schedule
 from keras_bptt.planning import plan as plan_lib
 
@@ -510,7 +511,8 @@ def _auto_scheme(length, memory, alpha, options):
     _check_options("auto", options)
     options = dict(options)
     internal_states = options.pop("internal_states_supported", True)
-    backward_ratio = float(options.pop("backward_ratio", 2.0))
+    backward_ratio = float(
+        options.pop("backward_ratio", cost_model.DEFAULT_BACKWARD_RATIO))
     candidates = SCHEMES if internal_states else HIDDEN_STATE_SCHEMES
     ranked = []
     for scheme in candidates:
@@ -526,7 +528,7 @@ def _auto_scheme(length, memory, alpha, options):
         ):
             continue  # see "Known limitations"
         cost = _solve(scheme, length, memory, alpha, scheme_options).cost
-        ratio = (cost / length + backward_ratio) / (1.0 + backward_ratio)
+        ratio = cost_model.predicted_time_ratio(cost / length, backward_ratio)
         ranked.append((ratio, _AUTO_PREFERENCE.index(scheme), scheme, scheme_options))
     if not ranked:
         raise _budget_too_small("auto", length, memory, alpha, needed=1.0)
