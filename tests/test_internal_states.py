@@ -426,7 +426,7 @@ class HalfLeakCell(keras.layers.Layer):
 
 
 class HalfLeakStep(InternalStateStep):
-    """Internal state [x, h_prev, pre-activation]."""
+    """Internal state [x, h_prev, pre-activation] (subclasses the old name)."""
 
     internal_count = 3
 
@@ -455,6 +455,7 @@ class HalfLeakStep(InternalStateStep):
 
 
 def test_custom_cell_protocol_is_used_alone_and_in_a_stack():
+    assert InternalStateStep is internal_states.CellStepWithInternalState
     cell = HalfLeakCell(4)
     assert isinstance(internal_states.internal_state_step(cell), HalfLeakStep)
     assert internal_states.unsupported_reason(cell) is None

@@ -233,7 +233,7 @@ class GridCell(keras.layers.Layer):
         return GridStep(self)
 
 
-class GridStep(internal_states.InternalStateStep):
+class GridStep(internal_states.CellStepWithInternalState):
     """Internal state: the step's input and previous states (N-d included);
     backward and restore recompute from them."""
 
@@ -374,9 +374,9 @@ def test_stack_state_counts_read_shapes_as_one_state():
     stack = keras.layers.StackedRNNCells(
         [GridCell(), GridCell("single", flat_output=True), keras.layers.LSTMCell(3)]
     )
-    counts = [internal_states._flat_state_count(c) for c in stack.cells]
+    counts = [internal_states.stacked.flat_state_count(c) for c in stack.cells]
     assert counts == [2, 1, 2]
-    assert internal_states._flat_state_count(stack) == 5
+    assert internal_states.stacked.flat_state_count(stack) == 5
 
 
 def test_grid_cell_initial_state_is_accepted_and_differentiated():
@@ -517,7 +517,7 @@ def test_zero_output_has_the_cell_output_shape(make_cell, step_shape, output_sha
     if hasattr(cell, "get_dropout_mask"):  # as keras.layers.RNN.call does
         cell.get_dropout_mask(x)
         cell.get_recurrent_dropout_mask(states[0])
-    steps = steps_lib.CellSteps(cell, states, False, carry_output=True)
-    zeros = steps.zero_output(x, states)
+    loop_step = steps_lib.RNNLoopStep(cell, states, False, carry_output=True)
+    zeros = loop_step.zero_output(x, states)
     assert zeros.shape == (BATCH,) + output_shape
     assert not np.any(zeros.numpy())

@@ -145,7 +145,7 @@ class FusedCounts(typing.NamedTuple):
 
 
 class _GradientCarry(typing.NamedTuple):
-    """The gradient loop's state."""
+    """The gradient loop's state: the next run's index and what runs change."""
 
     index: tf.Tensor
     register: list
@@ -296,7 +296,8 @@ def _forward_sweep(kernel, x_tm, states, slots, split, return_sequences):
         calls += 1
     constant = lambda v: tf.constant(v, _COUNTER)  # noqa: E731
     return register, slots, outputs, _SweepCounts(
-        constant(steps), constant(calls + 1), constant(live), constant(peak))
+        forward_steps=constant(steps), forward_calls=constant(calls + 1),
+        live_slots=constant(live), peak_slots=constant(peak))
 
 
 def _time_major_output_gradients(d_result, result, return_sequences):
@@ -332,8 +333,10 @@ def _gradient_loop(kernel, x_tm, d_outputs, register, d_final, slots, split,
     weights = kernel.variables
     d_weights = [tf.zeros(w.shape, x_tm.dtype) for w in weights]
     zero = tf.zeros([], _COUNTER)
-    counts = FusedCounts(zero, zero, zero, zero, sweep.live_slots,
-                         sweep.peak_slots)
+    counts = FusedCounts(
+        forward_calls=zero, forward_steps=zero, backward_calls=zero,
+        backward_steps=zero, live_slots=sweep.live_slots,
+        peak_slots=sweep.peak_slots)
 
     def body(carry):
         opcode, start, steps, slot = tf.unstack(runs[carry.index])
@@ -399,8 +402,10 @@ def _gradient_loop(kernel, x_tm, d_outputs, register, d_final, slots, split,
             branch_fns=[branches[o] for o in _BRANCH_OPCODES])
         return (new._replace(index=carry.index + 1),)
 
-    initial = _GradientCarry(tf.constant(0), list(register), list(d_final),
-                             list(slots), d_inputs, d_weights, counts)
+    initial = _GradientCarry(
+        index=tf.constant(0), register=list(register),
+        d_register=list(d_final), slots=list(slots), d_inputs=d_inputs,
+        d_weights=d_weights, counts=counts)
     # One run at a time: a later leaf's training forward does not depend on
     # the gradient of the one before, so with TensorFlow's default of ten
     # parallel iterations several leaves' reserves were held at once (about

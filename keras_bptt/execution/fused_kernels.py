@@ -109,7 +109,19 @@ class LeafGradients(typing.NamedTuple):
     weights: list
 
 
-class BlockLSTMKernel:
+class _SegmentKernel:
+    """What every segment kernel shares: its cell and the weights it runs."""
+
+    def __init__(self, cell):
+        self.cell = cell
+
+    @property
+    def variables(self):
+        """The weights `leaf` returns gradients for, in order."""
+        return [self.cell.kernel, self.cell.recurrent_kernel, self.cell.bias]
+
+
+class BlockLSTMKernel(_SegmentKernel):
     """`keras.layers.LSTMCell` segments through `BlockLSTMV2`.
 
     Weights are Keras' own layout: `concat([kernel, recurrent_kernel])`,
@@ -132,14 +144,6 @@ class BlockLSTMKernel:
     # against h and c), in hidden-state units: see
     # `keras_bptt.execution.fused_interpreter.bound_advances`.
     advance_units_per_step = 3.5
-
-    def __init__(self, cell):
-        self.cell = cell
-
-    @property
-    def variables(self):
-        """The weights `leaf` returns gradients for, in order."""
-        return [self.cell.kernel, self.cell.recurrent_kernel, self.cell.bias]
 
     def pack(self, dtype):
         """Builds the op's weight arguments once for the calls that follow.
@@ -218,7 +222,7 @@ class BlockLSTMKernel:
         )
 
 
-class _CudnnKernel:
+class _CudnnKernel(_SegmentKernel):
     """Shared part of the cuDNN kernels: parameter layout and the two ops.
 
     cuDNN takes one flat parameter vector: every gate's input and recurrent
@@ -230,13 +234,6 @@ class _CudnnKernel:
     mode = None
     gates = None
     _gate_order = None
-
-    def __init__(self, cell):
-        self.cell = cell
-
-    @property
-    def variables(self):
-        return [self.cell.kernel, self.cell.recurrent_kernel, self.cell.bias]
 
     def _keras_biases(self, dtype):
         """`(input_bias, recurrent_bias)`, each `[gates * units]`."""

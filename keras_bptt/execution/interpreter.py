@@ -19,8 +19,8 @@ wraps the whole recurrence.
   then recompute a step (keeping its internal state for ISM/MSM) or
   backpropagate one -- a vector-Jacobian product of the step evaluated under
   a `tf.GradientTape` from the register, or the cell's own backward from a
-  stored internal state (`InternalSteps`, no recomputation) -- then store
-  the register in a hidden slot.
+  stored internal state (`LoopStepWithInternalState`, no recomputation) --
+  then store the register in a hidden slot.
 
 The buffers are `tf.TensorArray`s with `Program.hidden_slots` (and
 `Program.internal_slots`) entries plus one scratch entry each (which absorbs
@@ -90,17 +90,46 @@ _COUNTER_DTYPE = tf.int64
 NEVER, SOMETIMES, ALWAYS = 0, 1, 2
 
 
-class ProgramTensors(typing.NamedTuple):
-    """A `keras_bptt.execution.program.Program` as tensors (constants or run-time)."""
+def program_tensors(program):
+    """A `keras_bptt.execution.program.Program` as constant tensors.
 
-    forward_store: tf.Tensor
-    forward_internal: tf.Tensor
-    forward_release: tf.Tensor
-    instructions: tf.Tensor
-    hidden_slots: tf.Tensor
-    internal_slots: tf.Tensor
-    expected_counts: tf.Tensor
-    plan_facts: tf.Tensor
+    Args:
+        program: A `Program`.
+
+    Returns:
+        A `keras_bptt.execution.program.ProgramValues` of constants, one per
+        `PROGRAM_FIELDS` entry, of its dtype.
+    """
+    return program_lib.ProgramValues._make(
+        tf.constant(value) for value in program.values()
+    )
+
+
+def run_time_program_tensors(lookup, *args):
+    """The tensors of a `Program` looked up when the graph runs.
+
+    For a sequence length (or batch size) unknown while tracing: one trace
+    then serves every program (`tf.numpy_function`, which XLA cannot
+    compile).
+
+    Args:
+        lookup: `lookup(*args)` returns the `Program`, given NumPy values.
+        *args: Tensors, e.g. the sequence length and batch size.
+
+    Returns:
+        A `keras_bptt.execution.program.ProgramValues` of tensors with the
+        dtypes and shapes of `PROGRAM_FIELDS`.
+    """
+    fields = program_lib.PROGRAM_FIELDS
+    tensors = tf.numpy_function(
+        lambda *values: tuple(lookup(*values).values()),
+        list(args),
+        [tf.as_dtype(field.dtype) for field in fields],
+        stateful=False,
+    )
+    for tensor, field in zip(tensors, fields):
+        tensor.set_shape(field.shape)
+    return program_lib.ProgramValues._make(tensors)
 
 
 class ExecutionCounts(typing.NamedTuple):
@@ -114,11 +143,16 @@ class ExecutionCounts(typing.NamedTuple):
     peak_stored_bytes: tf.Tensor
 
 
-class InternalSteps:
-    """What the executor needs to store and use internal states (ISM/MSM).
+class LoopStepWithInternalState:
+    """The loop's step keeping its internal state, as the executor needs it.
 
-    Implementations (see `keras_bptt.layers.rnn`) wrap a cell's
-    `keras_bptt.execution.internal_states.InternalStateStep` with the layer's masking.
+    What the executor needs to store and use internal states (ISM/MSM): the
+    step of the layer's loop (flat states, the step's mask) that also returns
+    its internal state, backpropagates from it and restores from it.
+    `keras_bptt.execution.steps.RNNLoopStep.with_internal_state` implements
+    it over a cell's
+    `keras_bptt.execution.internal_states.CellStepWithInternalState`, with
+    the layer's masking.
 
     Attributes:
         variables: The `tf.Variable`s whose gradients `backward` returns.
@@ -200,6 +234,13 @@ class _BackwardCarry(typing.NamedTuple):
     counts: _Counts
     work: _Work
     tokens: _Tokens
+
+
+class _LoopState(typing.NamedTuple):
+    """A gradient loop's variables: the next row, the carry's changing part."""
+
+    index: tf.Tensor
+    carry: _BackwardCarry
 
 
 class _Effect(typing.NamedTuple):
@@ -395,33 +436,36 @@ def _rejoin(part, carry):
     )
 
 
-class _StaticProgram(typing.NamedTuple):
-    """The program's values, when they are constants while tracing."""
+class _StaticProgram:
+    """The program's executed fields, when they are constants while tracing.
 
-    forward_store: np.ndarray
-    forward_internal: np.ndarray
-    forward_release: np.ndarray
-    instructions: np.ndarray
-    hidden_slots: int
-    internal_slots: int
+    Attributes:
+        values: The `ProgramValues`, its `EXECUTED_FIELDS` as NumPy values.
+    """
+
+    def __init__(self, values):
+        self.values = values
 
     @classmethod
     def of(cls, program):
-        values = [tf.get_static_value(t) for t in program[: len(cls._fields)]]
-        if any(v is None for v in values):
+        static = {
+            name: tf.get_static_value(getattr(program, name))
+            for name in program_lib.EXECUTED_FIELDS
+        }
+        if any(value is None for value in static.values()):
             return None
-        *arrays, hidden_slots, internal_slots = values
-        return cls(*arrays, int(hidden_slots), int(internal_slots))
+        return cls(program._replace(**static))
 
     @property
     def uses_internal_states(self):
+        values = self.values
         internal = (
             program_lib.EXEC_FORWARD_STORE_INTERNAL,
             program_lib.EXEC_BACKWARD_INTERNAL,
         )
         return bool(
-            np.any(self.forward_internal != self.internal_slots)
-            or np.any(np.isin(self.instructions[:, 0], internal))
+            np.any(values.forward_internal != values.internal_slots)
+            or np.any(np.isin(values.instructions[:, 0], internal))
         )
 
     def schedule(self):
@@ -431,8 +475,9 @@ class _StaticProgram(typing.NamedTuple):
         the loop, so that the loop's traits need not cover them. A loop's
         opcode column holds branch indices (`_Traits.opcodes`).
         """
-        rows = self.instructions
-        length = len(self.forward_store)
+        rows = self.values.instructions
+        length = len(self.values.forward_store)
+        scratch_slot = int(self.values.hidden_slots)
         tail = 1 if len(rows) > 1 and rows[-1, 0] == program_lib.EXEC_NOP else 0
         parts = [(rows[:1], False), (rows[1 : len(rows) - tail], True),
                  (rows[len(rows) - tail :], False)]
@@ -440,7 +485,7 @@ class _StaticProgram(typing.NamedTuple):
         for part, looped in parts:
             if not len(part):
                 continue
-            traits = _Traits.of_rows(part, self.hidden_slots, length)
+            traits = _Traits.of_rows(part, scratch_slot, length)
             part = part.copy()
             part[:, 0] = np.searchsorted(traits.opcodes, part[:, 0])
             schedule.append((part, traits, looped))
@@ -451,26 +496,26 @@ class _Recurrence:
     """One call's recurrence: its steps, its forward loop, its gradient.
 
     Built inside the `tf.custom_gradient` function from the tensors it
-    receives (`program` holds the first six `ProgramTensors` fields).
+    receives (`program`'s `EXECUTED_FIELDS` are the function's own inputs).
     """
 
-    def __init__(self, step_fn, internal_steps, x, mask, program, options):
+    def __init__(self, step_fn, internal_step, x, mask, program, options):
         self.step_fn = step_fn
-        self.internal_steps = internal_steps
+        self.internal_step = internal_step
         self.x, self.mask, self.program = x, mask, program
         self.go_backwards, self.return_sequences, self.input_gradient = options
         self.length = tf.shape(x)[1]
         self.scratch_slot = program.hidden_slots
         self.internal_scratch = program.internal_slots
         self.static = _StaticProgram.of(program)
-        self.uses_internal = internal_steps is not None and (
+        self.uses_internal = internal_step is not None and (
             self.static is None or self.static.uses_internal_states
         )
         # Whether the forward sweep may release states (msm_early): else the
         # live counts never decrease in the sweep and their final values are
         # its peaks.
         self.sweep_releases = self.static is None or bool(
-            np.any(self.static.forward_release > 0)
+            np.any(self.static.values.forward_release > 0)
         )
 
     # -- steps ---------------------------------------------------------------
@@ -488,7 +533,7 @@ class _Recurrence:
         """`(output, new_states, internal)`; internal is [] without ISM."""
         x_t, mask_t = self.inputs_at(i)
         if self.uses_internal:
-            return self.internal_steps.forward(x_t, mask_t, states)
+            return self.internal_step.forward(x_t, mask_t, states)
         return (*self.step_fn(x_t, mask_t, states), [])
 
     # -- forward pass --------------------------------------------------------
@@ -624,11 +669,11 @@ class _Recurrence:
         d_output = self.output_cotangent(step, traits)
         if d_output is None and mask_t is not None:
             d_output = tf.zeros_like(self.d_outputs)  # masking selects on it
-        gx, g_states, g_internal_vars = self.internal_steps.backward(
+        gx, g_states, g_internal_vars = self.internal_step.backward(
             internal, mask_t, d_output, d_register
         )
         position = {
-            v.ref(): i for i, v in enumerate(self.internal_steps.variables)
+            v.ref(): i for i, v in enumerate(self.internal_step.variables)
         }
         g_vars = [
             g_internal_vars[position[v.ref()]]
@@ -672,11 +717,11 @@ class _Recurrence:
             register = _restore(carry.bufs, ins.restore_slot, register)
         if traits.restores_internal == ALWAYS:
             internal = _read_slot(carry.ibufs, ins.restore_internal, self.internal0)
-            register = list(self.internal_steps.restore(internal))
+            register = list(self.internal_step.restore(internal))
         elif traits.restores_internal == SOMETIMES:
             register = tf.cond(
                 ins.restore_internal >= 0,
-                lambda: list(self.internal_steps.restore(_read_slot(
+                lambda: list(self.internal_step.restore(_read_slot(
                     carry.ibufs, tf.maximum(ins.restore_internal, 0),
                     self.internal0,
                 ))),
@@ -709,8 +754,9 @@ class _Recurrence:
         """The compute branches of `traits.opcodes`, as `_Effect`s."""
         step, work = ins.step, carry.work
         effect = _Effect(
-            carry.register, carry.d_register, carry.ibufs, carry.dx, carry.dvars,
-            work, carry.counts.live_internal, carry.tokens,
+            register=carry.register, d_register=carry.d_register,
+            ibufs=carry.ibufs, dx=carry.dx, dvars=carry.dvars, work=work,
+            live_internal=carry.counts.live_internal, tokens=carry.tokens,
         )
         recomputed = work._replace(recomputed=work.recomputed + 1)
         backwards = work._replace(backwards=work.backwards + 1)
@@ -783,8 +829,9 @@ class _Recurrence:
         if traits.counts_may_grow:
             counts = _take_peaks(counts, self.hidden_bytes, self.internal_bytes)
         return _BackwardCarry(
-            effect.register, effect.d_register, bufs, effect.ibufs, effect.dx,
-            effect.dvars, counts, effect.work, effect.tokens,
+            register=effect.register, d_register=effect.d_register, bufs=bufs,
+            ibufs=effect.ibufs, dx=effect.dx, dvars=effect.dvars,
+            counts=counts, work=effect.work, tokens=effect.tokens,
         )
 
     def run_loop(self, rows, carry, traits):
@@ -796,15 +843,19 @@ class _Recurrence:
         rows = tf.convert_to_tensor(rows)
         count = tf.shape(rows)[0]
 
-        def body(k, part):
-            ins = _Instruction(*tf.unstack(tf.gather(rows, k), num=7))
-            return k + 1, self.execute(ins, part, traits)
+        def body(state):
+            row = tf.gather(rows, state.index)
+            ins = _Instruction(
+                *tf.unstack(row, num=program_lib.INSTRUCTION_WIDTH)
+            )
+            return (_LoopState(state.index + 1,
+                               self.execute(ins, state.carry, traits)),)
 
-        _, part = tf.while_loop(
-            lambda k, part: k < count, body,
-            (tf.constant(0), _loop_part(carry, traits)),
+        (state,) = tf.while_loop(
+            lambda state: state.index < count, body,
+            (_LoopState(tf.constant(0), _loop_part(carry, traits)),),
         )
-        return _rejoin(part, carry)
+        return _rejoin(state.carry, carry)
 
     def initial_backward_carry(self, d_final_states):
         """The gradient loop's start; the scratch slots begin cleared."""
@@ -895,7 +946,7 @@ def run_recurrence(
     go_backwards=False,
     return_sequences=False,
     input_gradient=True,
-    internal_steps=None,
+    internal_step=None,
     on_backward=None,
 ):
     """Runs a recurrence whose backward pass follows a memory plan.
@@ -908,7 +959,8 @@ def run_recurrence(
             recomputed.
         inputs: Tensor `[batch, t, ...]`.
         initial_states: Flat list of state tensors `[batch, ...]`.
-        program: `ProgramTensors` for this length.
+        program: A `keras_bptt.execution.program.ProgramValues` of tensors
+            for this length (`program_tensors`, `run_time_program_tensors`).
         mask: Optional boolean tensor `[batch, t]` (or `[batch, t, ...]`,
             broadcast over the states' trailing axes, as `keras.backend.rnn`).
         go_backwards: Process the sequence from its last step to its first.
@@ -917,8 +969,9 @@ def run_recurrence(
         input_gradient: Whether to compute the gradient of `inputs`. Skipping
             it when nothing needs it (raw model inputs) saves a `[batch, t,
             ...]` buffer.
-        internal_steps: An `InternalSteps` for the cell, required by plans
-            that store internal states (ISM, MSM); `None` otherwise.
+        internal_step: A `LoopStepWithInternalState` for the cell, required
+            by plans that store internal states (ISM, MSM); `None`
+            otherwise.
         on_backward: Optional callback receiving the gradient function's
             `ExecutionCounts`; it may return an op to run (e.g. assigns).
 
@@ -928,7 +981,7 @@ def run_recurrence(
     """
     num_states = len(initial_states)
     mask_args = [] if mask is None else [mask]
-    program_args = list(program[: len(_StaticProgram._fields)])
+    program_args = [getattr(program, n) for n in program_lib.EXECUTED_FIELDS]
     options = (go_backwards, return_sequences, input_gradient)
 
     @tf.custom_gradient
@@ -937,10 +990,10 @@ def run_recurrence(
         rest = args[len(mask_args) :]
         states0 = list(rest[:num_states])
         program_in = program._replace(
-            **dict(zip(_StaticProgram._fields, rest[num_states:]))
+            **dict(zip(program_lib.EXECUTED_FIELDS, rest[num_states:]))
         )
         run = _Recurrence(
-            step_fn, internal_steps, x, mask_tensor, program_in, options
+            step_fn, internal_step, x, mask_tensor, program_in, options
         )
         outputs, final_states, forward_counts = run.forward(states0)
 

@@ -44,8 +44,10 @@ This module is pure NumPy so that programs can be built and tested without
 TensorFlow.
 """
 
+import collections
 import dataclasses
 import functools
+import typing
 
 import numpy as np
 
@@ -90,6 +92,10 @@ class Program:
         recomputed_steps: Step evaluations the gradient function performs.
         backward_steps: Backward operations (always t).
         peak_stored_units: Peak of stored units (h_0 included).
+        plan_cost: The plan's cost (forward operations, the paper's model);
+            set by `program_for`.
+        budget_slots: The budget in hidden-state slots; set by
+            `program_for`.
     """
 
     length: int
@@ -105,12 +111,15 @@ class Program:
     plan_cost: int = 0
     budget_slots: float = 0.0
 
-    @property
-    def plan_facts(self):
-        """`float64[3]`: the plan's cost, budget (slots) and peak (units)."""
-        return np.array(
-            [self.plan_cost, self.budget_slots, self.peak_stored_units],
-            dtype=np.float64,
+    def values(self):
+        """The `PROGRAM_FIELDS`, as NumPy values of their dtypes.
+
+        Returns:
+            A `ProgramValues` of arrays (0-d for scalars).
+        """
+        return ProgramValues._make(
+            np.asarray(getattr(self, field.name), field.dtype)
+            for field in PROGRAM_FIELDS
         )
 
     @property
@@ -143,6 +152,82 @@ class Program:
             ],
             dtype=np.int64,
         )
+
+
+class ProgramField(typing.NamedTuple):
+    """One value of a `Program` that a layer hands to TensorFlow.
+
+    Attributes:
+        name: The `Program` attribute or property it is read from.
+        dtype: Its NumPy dtype, which its tensor has too.
+        shape: Its shape; `None` for an axis whose size depends on the plan.
+        executed: Whether the interpreter runs on it; the others are
+            predictions the layer records (`PlanFacts`, `ExecutionStats`).
+    """
+
+    name: str
+    dtype: type
+    shape: tuple
+    executed: bool
+
+
+# Every value a `Program` hands to TensorFlow, in order: the tensors a layer
+# passes to the interpreter are made from this table alone (constants, or
+# `tf.numpy_function` outputs when the length is known only at run time).
+PROGRAM_FIELDS = (
+    ProgramField("forward_store", np.int32, (None,), True),
+    ProgramField("forward_internal", np.int32, (None,), True),
+    ProgramField("forward_release", np.int32, (None,), True),
+    ProgramField("instructions", np.int32, (None, INSTRUCTION_WIDTH), True),
+    ProgramField("hidden_slots", np.int32, (), True),
+    ProgramField("internal_slots", np.int32, (), True),
+    # One count per `keras_bptt.execution.stats.COUNTERS` entry.
+    ProgramField("expected_counts", np.int64, (5,), False),
+    ProgramField("plan_cost", np.int64, (), False),
+    ProgramField("budget_slots", np.float64, (), False),
+    ProgramField("peak_stored_units", np.float64, (), False),
+)
+EXECUTED_FIELDS = tuple(f.name for f in PROGRAM_FIELDS if f.executed)
+
+
+class PlanFacts(typing.NamedTuple):
+    """What a layer records of the plan it runs, beside the expected counts.
+
+    `keras_bptt.execution.stats.ExecutionStats.record_planned` writes them
+    into its variables; values are tensors (or NumPy scalars).
+
+    Attributes:
+        plan_cost: The plan's cost: forward operations in the cost model of
+            Gruslys et al. (int64; a fused plan's forward steps).
+        budget_slots: The budget in hidden-state slots (float64).
+        peak_stored_units: The plan's predicted peak of stored memory, in
+            hidden-state units (float64).
+    """
+
+    plan_cost: typing.Any
+    budget_slots: typing.Any
+    peak_stored_units: typing.Any
+
+
+class ProgramValues(
+    collections.namedtuple(
+        "ProgramValues", [field.name for field in PROGRAM_FIELDS]
+    )
+):
+    """A `Program`'s `PROGRAM_FIELDS` by name: NumPy values or tensors.
+
+    `Program.values()` gives NumPy values;
+    `keras_bptt.execution.interpreter.program_tensors` and
+    `run_time_program_tensors` give tensors, which the layer hands to
+    `keras_bptt.execution.interpreter.run_recurrence`.
+    """
+
+    __slots__ = ()
+
+    @property
+    def plan_facts(self):
+        """The `PlanFacts` among the fields."""
+        return PlanFacts(self.plan_cost, self.budget_slots, self.peak_stored_units)
 
 
 def _forward_store_slots(prefix, length, scratch_slot):

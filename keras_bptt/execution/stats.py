@@ -74,8 +74,9 @@ class ExecutionStats:
 
         Args:
             expected: `int64[5]`, predicted counts in `COUNTERS` order.
-            plan_facts: `float64[3]`, the plan's cost, budget in slots and
-                predicted peak in hidden-state units.
+            plan_facts: A `keras_bptt.execution.program.PlanFacts`: the
+                plan's cost, budget in slots and predicted peak in
+                hidden-state units.
             slot_bytes: Bytes of one stored hidden state.
             alpha: The alpha the plan used.
         """
@@ -84,9 +85,13 @@ class ExecutionStats:
             for i, name in enumerate(COUNTERS)
         ]
         assigns += [
-            self.plan_cost.assign(tf.cast(plan_facts[0], tf.int64)),
-            self.budget_slots.assign(plan_facts[1]),
-            self.planned_peak_units.assign(plan_facts[2]),
+            self.plan_cost.assign(tf.cast(plan_facts.plan_cost, tf.int64)),
+            self.budget_slots.assign(
+                tf.cast(plan_facts.budget_slots, tf.float64)
+            ),
+            self.planned_peak_units.assign(
+                tf.cast(plan_facts.peak_stored_units, tf.float64)
+            ),
             self.slot_bytes.assign(tf.cast(slot_bytes, tf.int64)),
             self.alpha.assign(tf.cast(alpha, tf.float64)),
         ]

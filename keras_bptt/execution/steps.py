@@ -1,9 +1,9 @@
 """One recurrent step of a Keras cell, as `keras.layers.RNN` runs it.
 
 The executor (`keras_bptt.execution.interpreter`) evaluates steps many times: in the
-forward pass, in recomputations, and under tapes. `CellSteps` gives it pure
-step functions over flat state lists that reproduce `keras.layers.RNN`'s
-loop body exactly:
+forward pass, in recomputations, and under tapes. `RNNLoopStep` gives it a
+pure step function over flat state lists that reproduces
+`keras.layers.RNN`'s loop body exactly:
 
 * the cell's dropout masks are the ones Keras sampled for this call
   (`keras.layers.RNN` samples them before its loop and resets them after; the
@@ -12,9 +12,11 @@ loop body exactly:
   states, and its output is the previous output (carried as an extra state)
   or zeros with `zero_output_for_mask`.
 
-`CellSteps.internal` additionally wraps a cell's
-`keras_bptt.execution.internal_states.InternalStateStep` with the same masking, for
-plans that store internal states (ISM/MSM of Gruslys et al., NIPS 2016).
+`RNNLoopStep.with_internal_state` additionally wraps a cell's
+`keras_bptt.execution.internal_states.CellStepWithInternalState` with the same
+masking, into the interpreter's
+`keras_bptt.execution.interpreter.LoopStepWithInternalState`, for plans that
+store internal states (ISM/MSM of Gruslys et al., NIPS 2016).
 With a mask, the internal state also holds the step's masked new states, so
 that restoring from it needs no mask.
 """
@@ -71,8 +73,14 @@ def _select(mask_t, when_true, when_false):
     return tf.where(_expand_like(mask_t, when_true), when_true, when_false)
 
 
-class CellSteps:
-    """Step functions of `cell` inside a `keras.layers.RNN`-style loop.
+class RNNLoopStep:
+    """One step of `keras.layers.RNN`'s loop over `cell`, as a pure function.
+
+    `step` runs the cell with the dropout masks Keras sampled for this call
+    and masks its output and states as `keras.backend.rnn` does; the
+    interpreter evaluates it in the forward pass, in recomputations and
+    under tapes. `with_internal_state` gives the same step keeping the
+    cell's internal state (for ISM/MSM plans).
 
     Args:
         cell: The Keras cell (dropout masks already sampled for this call).
@@ -87,8 +95,10 @@ class CellSteps:
     >>> cell.build((None, 3))
     >>> cell.reset_dropout_mask()  # as keras.layers.RNN does before its loop
     >>> cell.reset_recurrent_dropout_mask()
-    >>> steps = CellSteps(cell, [tf.zeros([2, 4])], False, carry_output=False)
-    >>> output, new_states = steps.step(tf.ones([2, 3]), None, [tf.zeros([2, 4])])
+    >>> loop_step = RNNLoopStep(
+    ...     cell, [tf.zeros([2, 4])], False, carry_output=False)
+    >>> output, new_states = loop_step.step(
+    ...     tf.ones([2, 3]), None, [tf.zeros([2, 4])])
     >>> output.shape
     TensorShape([2, 4])
     """
@@ -175,29 +185,42 @@ class CellSteps:
             output = _select(mask_t, output, tf.zeros_like(output))
         return output, new_states
 
-    def internal(self, cell_step):
-        """The `executor.InternalSteps` over a cell's `InternalStateStep`."""
-        return _MaskedInternalSteps(self, cell_step)
+    def with_internal_state(self, cell_step):
+        """This step keeping `cell_step`'s internal state.
+
+        Args:
+            cell_step: The cell's
+                `keras_bptt.execution.internal_states.CellStepWithInternalState`.
+
+        Returns:
+            An `executor.LoopStepWithInternalState`: `cell_step` with this
+            loop's dropout masks and masking.
+        """
+        return _MaskedCellStepWithInternalState(self, cell_step)
 
 
-class _MaskedInternalSteps(executor.InternalSteps):
-    """A cell's internal-state step inside the layer's loop (masking)."""
+class _MaskedCellStepWithInternalState(executor.LoopStepWithInternalState):
+    """A cell's internal-state step with the layer loop's dropout and masking.
 
-    def __init__(self, steps, cell_step):
-        self._steps = steps
+    With a mask, the internal state also holds the step's masked new states
+    (`restore` then needs no mask).
+    """
+
+    def __init__(self, loop_step, cell_step):
+        self._loop_step = loop_step
         self._cell_step = cell_step
         self.variables = list(cell_step.variables)
         self._num_cell_internal = None
 
     def forward(self, x_t, mask_t, flat_states):
-        steps = self._steps
-        with steps.fixed_dropout_masks():
+        loop_step = self._loop_step
+        with loop_step.fixed_dropout_masks():
             output, new_cell_states, internal = self._cell_step.forward(
-                x_t, flat_states[: steps.num_cell_states], steps.training
+                x_t, flat_states[: loop_step.num_cell_states], loop_step.training
             )
         internal = list(internal)
         self._num_cell_internal = len(internal)
-        output, new_states = steps.apply_mask(
+        output, new_states = loop_step.apply_mask(
             mask_t, output, new_cell_states, flat_states
         )
         if mask_t is not None:
@@ -209,24 +232,24 @@ class _MaskedInternalSteps(executor.InternalSteps):
         stored_states = internal[self._num_cell_internal :]
         if stored_states:
             return list(stored_states)
-        with self._steps.fixed_dropout_masks():
+        with self._loop_step.fixed_dropout_masks():
             return list(self._cell_step.restore(cell_internal))
 
     def backward(self, internal, mask_t, d_output, d_new_states):
-        steps = self._steps
+        loop_step = self._loop_step
         cell_internal = internal[: self._num_cell_internal]
-        n = steps.num_cell_states
+        n = loop_step.num_cell_states
         d_cell_new = list(d_new_states[:n])
         d_old = [tf.zeros_like(d) for d in d_cell_new]
         d_prev_output = []
         if mask_t is not None:
-            if steps.carry_output:
+            if loop_step.carry_output:
                 d_output = d_output + d_new_states[n]
                 d_prev_output = [_select(mask_t, tf.zeros_like(d_output), d_output)]
             d_old = [_select(mask_t, tf.zeros_like(d), d) for d in d_cell_new]
             d_cell_new = [_select(mask_t, d, tf.zeros_like(d)) for d in d_cell_new]
             d_output = _select(mask_t, d_output, tf.zeros_like(d_output))
-        with steps.fixed_dropout_masks():
+        with loop_step.fixed_dropout_masks():
             dx, d_cell_states, d_variables = self._cell_step.backward(
                 cell_internal, d_output, d_cell_new
             )

@@ -185,32 +185,34 @@ def memory_facts(layer, masked=False, scheme=None):
     # No dropout masks are sampled here (that would advance the cell's seed
     # generator): the traced steps below sample their own, in the trace.
     layer._maybe_reset_dropout_masks(cell)
-    steps = steps_lib.CellSteps(cell, initial_state, True, carry_output)
-    internal_steps = None
+    loop_step = steps_lib.RNNLoopStep(cell, initial_state, True, carry_output)
+    internal_step = None
     if scheme == "auto" or _stores_internal_states(scheme):
         cell_step = internal_states.internal_state_step(cell)
         if cell_step is not None:
-            internal_steps = steps.internal(cell_step)
-    if internal_steps is not None:
+            internal_step = loop_step.with_internal_state(cell_step)
+    if internal_step is not None:
         alpha = cell_memory.internal_alpha(
-            lambda x, s: internal_steps.forward(x, None, s), step_input, cell_states
+            lambda x, s: internal_step.forward(x, None, s), step_input, cell_states
         )
     else:
         alpha = cell_memory.estimate_alpha(
-            lambda x, s: steps.step(x, None, s), step_input, cell_states
+            lambda x, s: loop_step.step(x, None, s), step_input, cell_states
         )
-    if masked and internal_steps is not None:
+    if masked and internal_step is not None:
         alpha += 1.0
     flat_states = cell_states
     if carry_output:
-        flat_states = flat_states + [steps.zero_output(step_input, cell_states)]
+        flat_states = flat_states + [
+            loop_step.zero_output(step_input, cell_states)
+        ]
     state_bytes = cell_memory.per_sample_bytes(flat_states)
     return MemoryFacts(
         length=shape[1],
         batch_size=shape[0],
         state_bytes=state_bytes,
         alpha=float(alpha),
-        internal_states_supported=internal_steps is not None,
+        internal_states_supported=internal_step is not None,
         step_cost=_step_cost(cell, state_bytes, tf.as_dtype(dtype).size),
     )
 

@@ -170,10 +170,15 @@ def _segment_costs(costs):
 
 @dataclasses.dataclass
 class _FusedProgram:
-    """What the layer records of a fused plan (as `ProgramTensors` does)."""
+    """What the layer records of a fused plan (as `ProgramValues` gives).
+
+    Attributes:
+        expected_counts: `int64[5]`, predicted `ExecutionStats.COUNTERS`.
+        plan_facts: A `keras_bptt.execution.program.PlanFacts`.
+    """
 
     expected_counts: tf.Tensor
-    plan_facts: tf.Tensor
+    plan_facts: program_lib.PlanFacts
 
 
 @keras.saving.register_keras_serializable(package="keras_bptt")
@@ -373,18 +378,20 @@ class MemoryBudgetRNN(keras.layers.RNN):
         """The parsed `keras_bptt.planning.budget.Budget`."""
         return self._budget
 
-    def _cell_alpha(self, steps, internal_steps, step_input, flat_states):
+    def _cell_alpha(self, loop_step, internal_step, step_input, flat_states):
         """alpha: exact for internal-state cells, else autodiff's measured."""
         if self._alpha is None:
-            if internal_steps is not None:
+            if internal_step is not None:
                 self._alpha = cell_memory.internal_alpha(
-                    lambda x, s: internal_steps.forward(x, None, s),
+                    lambda x, s: internal_step.forward(x, None, s),
                     step_input,
                     flat_states,
                 )
             else:
                 self._alpha = cell_memory.estimate_alpha(
-                    lambda x, s: steps.step(x, None, s), step_input, flat_states
+                    lambda x, s: loop_step.step(x, None, s),
+                    step_input,
+                    flat_states,
                 )
         return self._alpha
 
@@ -407,42 +414,10 @@ class MemoryBudgetRNN(keras.layers.RNN):
         if static_length is not None and (
             static_batch is not None or not self._budget.depends_on_batch_size
         ):
-            program = lookup(static_length, static_batch or 1)
-            return executor.ProgramTensors(
-                tf.constant(program.forward_store),
-                tf.constant(program.forward_internal),
-                tf.constant(program.forward_release),
-                tf.constant(program.instructions),
-                tf.constant(program.hidden_slots, tf.int32),
-                tf.constant(program.internal_slots, tf.int32),
-                tf.constant(program.expected_counts),
-                tf.constant(program.plan_facts),
+            return executor.program_tensors(
+                lookup(static_length, static_batch or 1)
             )
-
-        def numpy_lookup(t, batch):
-            program = lookup(t, batch)
-            return (
-                program.forward_store,
-                program.forward_internal,
-                program.forward_release,
-                program.instructions,
-                np.int32(program.hidden_slots),
-                np.int32(program.internal_slots),
-                program.expected_counts,
-                program.plan_facts,
-            )
-
-        tensors = tf.numpy_function(
-            numpy_lookup,
-            [length, batch_size],
-            [tf.int32] * 6 + [tf.int64, tf.float64],
-            stateful=False,
-        )
-        width = program_lib.INSTRUCTION_WIDTH
-        shapes = ([None], [None], [None], [None, width], [], [], [5], [3])
-        for tensor, shape in zip(tensors, shapes):
-            tensor.set_shape(shape)
-        return executor.ProgramTensors(*tensors)
+        return executor.run_time_program_tensors(lookup, length, batch_size)
 
     def _fused_kernel(self, sequences, mask, training):
         """The segment kernel to run, or `None` for the per-step executor.
@@ -510,8 +485,12 @@ class MemoryBudgetRNN(keras.layers.RNN):
                     (planner_fused.ADVANCE, planner_fused.LEAF)), 2].sum())
         expected = np.array(
             [length, recomputed, length, plan.hidden_slots, 0], np.int64)
-        facts = np.array([plan.forward_steps, memory, plan.peak_memory], np.float64)
-        program = _FusedProgram(tf.constant(expected), tf.constant(facts))
+        facts = program_lib.PlanFacts(
+            plan_cost=tf.constant(plan.forward_steps, tf.int64),
+            budget_slots=tf.constant(memory, tf.float64),
+            peak_stored_units=tf.constant(plan.peak_memory, tf.float64),
+        )
+        program = _FusedProgram(tf.constant(expected), facts)
         run = functools.partial(
             fused_executor.run_fused_recurrence, kernel, fused_plan=plan,
             runs=runs,
@@ -528,12 +507,14 @@ class MemoryBudgetRNN(keras.layers.RNN):
             tf.convert_to_tensor(s) for s in keras.tree.flatten(initial_state)
         ]
         carry_output = mask is not None and not self.zero_output_for_mask
-        steps = steps_lib.CellSteps(self.cell, initial_state, training, carry_output)
-        internal_steps = None
+        loop_step = steps_lib.RNNLoopStep(
+            self.cell, initial_state, training, carry_output
+        )
+        internal_step = None
         if self.scheme == "auto" or _stores_internal_states(self.scheme):
             cell_step = internal_states.internal_state_step(self.cell)
             if cell_step is not None:
-                internal_steps = steps.internal(cell_step)
+                internal_step = loop_step.with_internal_state(cell_step)
 
         mask_bool = None
         if mask is not None:
@@ -548,10 +529,12 @@ class MemoryBudgetRNN(keras.layers.RNN):
             # Zeros shaped like the cell's real output (any rank), as
             # keras.backend.rnn's zeros_like(first output).
             flat_states = flat_states + [
-                steps.zero_output(sequences[:, 0], flat_states)
+                loop_step.zero_output(sequences[:, 0], flat_states)
             ]
-        alpha = self._cell_alpha(steps, internal_steps, sequences[:, 0], cell_states)
-        if mask is not None and internal_steps is not None:
+        alpha = self._cell_alpha(
+            loop_step, internal_step, sequences[:, 0], cell_states
+        )
+        if mask is not None and internal_step is not None:
             alpha += 1.0  # masked internal states also hold the new states
         state_bytes = cell_memory.per_sample_bytes(flat_states)
         batch_size = sequences.shape[0] or tf.shape(sequences)[0]
@@ -566,14 +549,14 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 batch_size,
                 state_bytes,
                 alpha,
-                internal_steps is not None,
+                internal_step is not None,
             )
             run = functools.partial(
                 executor.run_recurrence,
-                steps.step,
+                loop_step.step,
                 program=program,
                 mask=mask_bool,
-                internal_steps=internal_steps,
+                internal_step=internal_step,
             )
         outputs, final_states, forward_counts = run(
             inputs=sequences,
