@@ -65,3 +65,12 @@ def test_docs_pages_cited_in_code_and_tests_exist():
             cited.update(re.findall(r"docs/([\w-]+\.md)", path.read_text()))
     missing = sorted(page for page in cited if not (DOCS / page).is_file())
     assert not missing
+
+
+def test_the_module_path_table_lists_every_move():
+    import keras_bptt
+
+    text = (DOCS / "architecture.md").read_text()
+    for old, new in {**keras_bptt.PUBLIC_MODULES, **keras_bptt.MOVED_MODULES}.items():
+        warns = "no" if old in keras_bptt.PUBLIC_MODULES else "yes"
+        assert f"| `keras_bptt.{old}` | `{new}` | {warns} |" in text, old
