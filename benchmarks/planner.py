@@ -25,14 +25,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import keras_bptt  # noqa: E402
 from keras_bptt.planning import _msm as _planner_msm, planner  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def _cold():
-    planner._cached_plan.cache_clear()
-    _planner_msm._RECENT_TABLES.clear()
+    keras_bptt.clear_caches()
 
 
 def _time(function):
@@ -84,6 +84,14 @@ def msm_sweep(length=2_000, alpha=10, points=25):
 
 
 def other_rows():
+    # `auto` tries msm_early's tables too (a full table at m=60).
+    for memory in (150, 60):
+        yield measure("auto", 1_000, memory, 3.0, f"{memory}")
+    # An LSTM(256) with 32 features: alpha = 3.0625, planned on a finer grid.
+    full = planner.standard_bptt_memory(1_000, 3.0625)
+    for fraction in (0.05, 0.015):
+        yield measure("msm", 1_000, 1 + fraction * (full - 1), 3.0625,
+                      f"{100 * fraction:g}%")
     yield measure("ism", 100_000, 100, 3.0, "100")
     yield measure("ism", 100_000, 5_000, 3.0, "5000")
     for scheme in ("store_all", "chen_sqrt", "chen_sqrt_hidden", "bisection"):
