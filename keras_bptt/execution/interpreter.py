@@ -173,18 +173,6 @@ class LoopStepWithInternalState:
         raise NotImplementedError
 
 
-class _Instruction(typing.NamedTuple):
-    """One row of `Program.instructions` (see `keras_bptt.execution.program`)."""
-
-    opcode: tf.Tensor
-    step: tf.Tensor
-    restore_slot: tf.Tensor
-    restore_internal: tf.Tensor
-    releases: tf.Tensor
-    store_slot: tf.Tensor
-    internal_slot: tf.Tensor
-
-
 class _Counts(typing.NamedTuple):
     """Stored states now (`live*`) and at most so far (`peak*`), counted."""
 
@@ -285,17 +273,20 @@ class _Traits(typing.NamedTuple):
 
     @classmethod
     def of_rows(cls, rows, scratch_slot, length):
-        opcodes, steps, releases = rows[:, 0], rows[:, 1], rows[:, 4]
+        column = program_lib.COLUMN
+        opcodes, steps = rows[:, column.opcode], rows[:, column.step]
+        releases = rows[:, column.releases]
         backward = np.isin(
             opcodes, (program_lib.EXEC_BACKWARD, program_lib.EXEC_BACKWARD_INTERNAL)
         )
         return cls(
             opcodes=tuple(sorted(set(opcodes.tolist()))),
-            restores_hidden=_how_often(rows[:, 2] >= 0),
-            restores_internal=_how_often(rows[:, 3] >= 0),
+            restores_hidden=_how_often(rows[:, column.restore_slot] >= 0),
+            restores_internal=_how_often(
+                rows[:, column.restore_internal_slot] >= 0),
             release_writes=int(releases.max(initial=0)),
             exact_releases=bool(np.all(releases == releases.max(initial=0))),
-            stores=_how_often(rows[:, 5] != scratch_slot),
+            stores=_how_often(rows[:, column.store_slot] != scratch_slot),
             backprops_last=_how_often(backward & (steps == length)),
         )
 
@@ -465,7 +456,7 @@ class _StaticProgram:
         )
         return bool(
             np.any(values.forward_internal != values.internal_slots)
-            or np.any(np.isin(values.instructions[:, 0], internal))
+            or np.any(np.isin(values.instructions[:, program_lib.COLUMN.opcode], internal))
         )
 
     def schedule(self):
@@ -478,7 +469,8 @@ class _StaticProgram:
         rows = self.values.instructions
         length = len(self.values.forward_store)
         scratch_slot = int(self.values.hidden_slots)
-        tail = 1 if len(rows) > 1 and rows[-1, 0] == program_lib.EXEC_NOP else 0
+        opcode = program_lib.COLUMN.opcode
+        tail = 1 if len(rows) > 1 and rows[-1, opcode] == program_lib.EXEC_NOP else 0
         parts = [(rows[:1], False), (rows[1 : len(rows) - tail], True),
                  (rows[len(rows) - tail :], False)]
         schedule = []
@@ -487,7 +479,7 @@ class _StaticProgram:
                 continue
             traits = _Traits.of_rows(part, scratch_slot, length)
             part = part.copy()
-            part[:, 0] = np.searchsorted(traits.opcodes, part[:, 0])
+            part[:, opcode] = np.searchsorted(traits.opcodes, part[:, opcode])
             schedule.append((part, traits, looped))
         return schedule
 
@@ -716,13 +708,13 @@ class _Recurrence:
         elif traits.restores_hidden == SOMETIMES:
             register = _restore(carry.bufs, ins.restore_slot, register)
         if traits.restores_internal == ALWAYS:
-            internal = _read_slot(carry.ibufs, ins.restore_internal, self.internal0)
+            internal = _read_slot(carry.ibufs, ins.restore_internal_slot, self.internal0)
             register = list(self.internal_step.restore(internal))
         elif traits.restores_internal == SOMETIMES:
             register = tf.cond(
-                ins.restore_internal >= 0,
+                ins.restore_internal_slot >= 0,
                 lambda: list(self.internal_step.restore(_read_slot(
-                    carry.ibufs, tf.maximum(ins.restore_internal, 0),
+                    carry.ibufs, tf.maximum(ins.restore_internal_slot, 0),
                     self.internal0,
                 ))),
                 lambda: register,
@@ -845,7 +837,7 @@ class _Recurrence:
 
         def body(state):
             row = tf.gather(rows, state.index)
-            ins = _Instruction(
+            ins = program_lib.Instruction(
                 *tf.unstack(row, num=program_lib.INSTRUCTION_WIDTH)
             )
             return (_LoopState(state.index + 1,
@@ -906,7 +898,7 @@ class _Recurrence:
                 carry = self.run_loop(rows, carry, traits)
             else:
                 for row in rows:
-                    ins = _Instruction(*[tf.constant(v) for v in row])
+                    ins = program_lib.Instruction(*[tf.constant(v) for v in row])
                     carry = self.execute(ins, carry, traits)
         return carry
 

@@ -60,7 +60,40 @@ EXEC_BACKWARD = 2
 EXEC_FORWARD_STORE_INTERNAL = 3
 EXEC_BACKWARD_INTERNAL = 4
 NO_RESTORE = -1
-INSTRUCTION_WIDTH = 7
+
+
+class Instruction(typing.NamedTuple):
+    """The columns of one row of `Program.instructions` (module docstring).
+
+    Values are NumPy integers or, in the interpreter, int32 tensors;
+    `COLUMN` holds each column's index.
+
+    Attributes:
+        opcode: `EXEC_NOP`, `EXEC_FORWARD`, `EXEC_BACKWARD`,
+            `EXEC_FORWARD_STORE_INTERNAL` or `EXEC_BACKWARD_INTERNAL`.
+        step: The step (1..t) the opcode evaluates.
+        restore_slot: Hidden slot the register is restored from first
+            (`NO_RESTORE`: keep it).
+        restore_internal_slot: Internal slot the step's internal state is
+            restored from (`NO_RESTORE`: none).
+        releases: Hidden slots dropped before the opcode runs.
+        store_slot: Hidden slot the register is stored in afterwards (the
+            scratch slot: store nothing).
+        internal_slot: Internal slot the two internal-state opcodes write or
+            read.
+    """
+
+    opcode: typing.Any
+    step: typing.Any
+    restore_slot: typing.Any
+    restore_internal_slot: typing.Any
+    releases: typing.Any
+    store_slot: typing.Any
+    internal_slot: typing.Any
+
+
+COLUMN = Instruction(*range(len(Instruction._fields)))
+INSTRUCTION_WIDTH = len(COLUMN)
 
 _EXEC_OPCODES = {
     plan_lib.FORWARD: EXEC_FORWARD,
@@ -330,27 +363,33 @@ def _fold_into_instructions(ops, scratch_slot, internal_scratch_slot):
 
     instructions = np.zeros((size, INSTRUCTION_WIDTH), dtype=np.int32)
     compute_rows = target[is_compute]
-    instructions[compute_rows, 0] = [_EXEC_OPCODES[o] for o in opcodes[is_compute]]
-    instructions[compute_rows, 1] = steps[is_compute]
+    instructions[compute_rows, COLUMN.opcode] = [
+        _EXEC_OPCODES[o] for o in opcodes[is_compute]
+    ]
+    instructions[compute_rows, COLUMN.step] = steps[is_compute]
     # The last restore per instruction, as (kind, slot).
     restore_index = np.full(size, -1, dtype=np.int64)
     np.maximum.at(restore_index, target[is_restore], np.nonzero(is_restore)[0])
     has_restore = restore_index >= 0
     chosen = restore_index[has_restore]
     hidden_restore = opcodes[chosen] == plan_lib.RESTORE
-    instructions[:, 2] = NO_RESTORE
-    instructions[:, 3] = NO_RESTORE
+    instructions[:, COLUMN.restore_slot] = NO_RESTORE
+    instructions[:, COLUMN.restore_internal_slot] = NO_RESTORE
     rows = np.nonzero(has_restore)[0]
-    instructions[rows[hidden_restore], 2] = slots[chosen[hidden_restore]]
-    instructions[rows[~hidden_restore], 3] = slots[chosen[~hidden_restore]]
-    instructions[:, 4] = np.bincount(target[is_drop], minlength=size)
-    instructions[:, 5] = scratch_slot
-    instructions[target[is_store], 5] = slots[is_store]
-    instructions[:, 6] = internal_scratch_slot
+    instructions[rows[hidden_restore], COLUMN.restore_slot] = slots[
+        chosen[hidden_restore]
+    ]
+    instructions[rows[~hidden_restore], COLUMN.restore_internal_slot] = slots[
+        chosen[~hidden_restore]
+    ]
+    instructions[:, COLUMN.releases] = np.bincount(target[is_drop], minlength=size)
+    instructions[:, COLUMN.store_slot] = scratch_slot
+    instructions[target[is_store], COLUMN.store_slot] = slots[is_store]
+    instructions[:, COLUMN.internal_slot] = internal_scratch_slot
     internal = np.isin(
         opcodes, (plan_lib.FORWARD_STORE_INTERNAL, plan_lib.BACKWARD_INTERNAL)
     )
-    instructions[target[internal], 6] = slots[internal]
+    instructions[target[internal], COLUMN.internal_slot] = slots[internal]
     return instructions
 
 
@@ -389,7 +428,9 @@ def compile_program(plan):
         _fuse_forward_backward(suffix), scratch_slot, internal_scratch_slot
     )
     recomputed = int(np.count_nonzero(np.isin(suffix[:, 0], forwards))) + 1
-    backward = np.isin(instructions[:, 0], (EXEC_BACKWARD, EXEC_BACKWARD_INTERNAL))
+    backward = np.isin(
+        instructions[:, COLUMN.opcode], (EXEC_BACKWARD, EXEC_BACKWARD_INTERNAL)
+    )
     return Program(
         length=plan.length,
         forward_store=_forward_store_slots(prefix, plan.length, scratch_slot),
