@@ -75,3 +75,17 @@ def test_program_lowering_fuses_and_folds_operations():
     evaluations = np.isin(opcodes, [program_lib.EXEC_FORWARD, program_lib.EXEC_BACKWARD])
     assert evaluations.sum() == program.recomputed_steps
     assert len(program.instructions) - evaluations.sum() <= 2
+
+
+def test_a_cell_that_never_ran_in_an_rnn_can_be_stepped():
+    from keras_bptt.execution.steps import RNNLoopStep
+
+    cell = keras.layers.GRUCell(4, dropout=0.5)
+    cell.build((None, 3))
+    for name in ("_dropout_mask", "_recurrent_dropout_mask"):
+        if hasattr(cell, name):
+            delattr(cell, name)
+    loop_step = RNNLoopStep(cell, [tf.zeros([2, 4])], False, carry_output=False)
+    output, _ = loop_step.step(tf.ones([2, 3]), None, [tf.zeros([2, 4])])
+    expected, _ = cell(tf.ones([2, 3]), [tf.zeros([2, 4])], training=False)
+    np.testing.assert_allclose(output, expected, rtol=1e-6)

@@ -109,8 +109,13 @@ class RNNLoopStep:
         self.training = training
         self.carry_output = carry_output
         self.num_cell_states = len(keras.tree.flatten(state_structure))
+        # A cell called outside `keras.layers.RNN` may never have cached masks.
         self._cells_and_masks = [
-            (c, c._dropout_mask, c._recurrent_dropout_mask)
+            (
+                c,
+                getattr(c, "_dropout_mask", None),
+                getattr(c, "_recurrent_dropout_mask", None),
+            )
             for c in _dropout_cells(cell)
         ]
         takes_training = isinstance(cell, keras.layers.Layer) and getattr(
