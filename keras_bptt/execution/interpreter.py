@@ -333,8 +333,19 @@ def _state_buffers(states, size):
     ]
 
 
+def _written(buffer):
+    """`buffer` marked used: a write whose result is overwritten (a freed
+    slot cleared, then stored again) or left by the last iteration is
+    intended, and TensorFlow would otherwise log "Object was never used" for
+    it when running eagerly (only eager writes are wrapped to check that)."""
+    mark_used = getattr(buffer, "mark_used", None)
+    if mark_used is not None:
+        mark_used()
+    return buffer
+
+
 def _write_slot(buffers, slot, states):
-    return [b.write(slot, s) for b, s in zip(buffers, states)]
+    return [_written(b.write(slot, s)) for b, s in zip(buffers, states)]
 
 
 def _read_slot(buffers, slot, like):
