@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from keras_bptt import cli, planner
+from keras_bptt import cli
+from keras_bptt.planning import planner
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

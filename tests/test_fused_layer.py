@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_bptt import MemoryBudgetRNN, fused_executor
+from keras_bptt import MemoryBudgetRNN
+from keras_bptt.execution import fused_interpreter
 from keras_bptt.execution import fused_kernels as fused_lib
 from keras_bptt.planning import fused as planner_fused
 from keras_bptt.planning.fused import SegmentCosts
@@ -57,7 +58,7 @@ def test_fused_equals_keras_rnn(costs, kwargs):
     assert stats["measured/fused_backward_calls"] == plan.backward_calls
     # The plan's forward calls, plus the first leaf run again for its
     # outputs in the forward pass, plus advances split to bound transients.
-    _, extra = fused_executor.bound_advances(plan.runs, plan.memory, 3.5)
+    _, extra = fused_interpreter.bound_advances(plan.runs, plan.memory, 3.5)
     assert stats["measured/fused_forward_calls"] == plan.forward_calls + 1 + extra
     assert stats["measured/recomputed_steps"] == stats["planned/recomputed_steps"]
     assert stats["measured/peak_stored_slots"] == plan.hidden_slots
@@ -182,7 +183,7 @@ def test_gru_on_cpu_cannot_be_forced():
 
 def test_advances_are_split_so_their_transients_fit_the_budget():
     plan = planner_fused.make_fused_plan(200, 12, GPU_LIKE)
-    runs, extra = fused_executor.bound_advances(plan.runs, 12, 3.5)
+    runs, extra = fused_interpreter.bound_advances(plan.runs, 12, 3.5)
     stored = 0
     for opcode, start, steps, _ in runs.tolist():
         stored += {planner_fused.STORE: 1, planner_fused.FREE: -1}.get(opcode, 0)
@@ -197,12 +198,7 @@ def test_advances_are_split_so_their_transients_fit_the_budget():
 
 def test_calibrated_costs_plan_and_run_like_keras():
     fused_lib.clear_caches()
-    reference = keras.layers.RNN(_cell())
-    layer = MemoryBudgetRNN(_cell(), memory_budget="20%", fused=True)
-    x = random_sequences(LENGTH)
-    reference(x)
-    layer(x)
-    layer.set_weights(reference.get_weights())
+    reference, layer, x = _pair(costs=None)  # calibrated
     assert_same_results(outputs_and_gradients(reference, x),
                         outputs_and_gradients(layer, x))
     # Timings themselves are not asserted (noise on a busy machine can make

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_bptt import MemoryBudgetRNN, fused
+from keras_bptt import MemoryBudgetRNN
+from keras_bptt.execution import fused_kernels as fused
 from keras_bptt.planning.fused import SegmentCosts
 from rnn_testing import assert_same_results, outputs_and_gradients, random_sequences
 
