@@ -3,7 +3,9 @@
 Peak memory comes from TensorFlow's allocator statistics
 (`tf.config.experimental.get_memory_info`). On CPU these count every tensor,
 the while-loop accumulators included, only when `TF_CPU_ALLOCATOR_USE_BFC`
-is `true` before TensorFlow is imported; allocator caching also makes
+is `true` before TensorFlow is imported (`measure_step` checks that they
+track a `tf.function`'s allocations and raises otherwise, rather than report
+figures that only look measured); allocator caching also makes
 absolute figures depend on what ran before. Each configuration is therefore
 measured in a fresh subprocess: `measure_in_subprocess(...)` runs
 this file (`python benchmarks/measure.py`) with the environment set.
@@ -139,8 +141,15 @@ def measure_step(
     import keras
     import tensorflow as tf
 
-    if device is None:
-        device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+    from keras_bptt.monitoring.callbacks import default_memory_device
+    from keras_bptt.monitoring.callbacks import memory_statistics_problem
+
+    device = device or default_memory_device()
+    # Statistics that do not track a tf.function's allocations would give
+    # figures that look measured: refuse to measure rather than report them.
+    problem = memory_statistics_problem(device)
+    if problem is not None:
+        raise RuntimeError(problem)
     model, rnn = _build_model(
         layer, length, batch, units, features, memory_budget, scheme, cell, fused
     )
@@ -249,12 +258,6 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jit-compile", action="store_true")
     args = parser.parse_args(argv)
-    if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") != "true":
-        print(
-            "warning: TF_CPU_ALLOCATOR_USE_BFC is not 'true'; CPU peak memory "
-            "misses most while-loop accumulators.",
-            file=sys.stderr,
-        )
     if args.json:
         config = json.loads(args.json)
     else:

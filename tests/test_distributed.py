@@ -43,19 +43,26 @@ difference = max(float(np.max(np.abs(a - b)))
 print(json.dumps({"stats": layer.execution_stats.as_dict(),
                   "cost": layer.last_plan.cost, "length": layer.last_plan.length,
                   "loss": history.history["loss"], "history": history.history,
-                  "peaks": monitor.peak_bytes,
+                  "peaks": monitor.peak_bytes, "problem": monitor.problem,
                   "single_loss": single_history.history["loss"],
                   "weight_difference": difference}))
 """
 
 
 def _environment(bfc):
-    """The caller's environment with the BFC flag explicitly set or removed."""
+    """The caller's environment with the BFC flag explicitly set or removed.
+
+    Without it, oneDNN's operations are on (`TF_ENABLE_ONEDNN_OPTS=1`): where
+    TensorFlow then uses oneDNN's CPU allocator, its statistics are partial,
+    the kind of machine the monitor must not be fooled by.
+    """
     env = {k: v for k, v in os.environ.items()
-           if k not in ("TF_CPU_ALLOCATOR_USE_BFC", "TF_CONFIG")}
+           if k not in ("TF_CPU_ALLOCATOR_USE_BFC", "TF_CONFIG", "TF_ENABLE_ONEDNN_OPTS")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     if bfc:
         env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+    else:
+        env["TF_ENABLE_ONEDNN_OPTS"] = "1"
     return env
 
 
@@ -85,8 +92,16 @@ def test_mirrored_strategy_trains_like_one_device_with_per_replica_counters(
     history = result["history"]
     assert history["rnn_recomputed_steps"] == [stats["measured/recomputed_steps"]] * 2
     assert history["rnn_peak_stored_slots"] == [stats["measured/peak_stored_slots"]] * 2
-    assert ("peak_memory_mib" in history) == bfc
-    assert bool(result["peaks"]) == bfc
+    # With BFC statistics peaks are measured; without them this machine's
+    # statistics may or may not track the step: measured and real, or absent
+    # and explained -- never a 0.
+    if bfc:
+        assert result["problem"] is None
+    measured = result["problem"] is None
+    assert ("peak_memory_mib" in history) == measured
+    assert bool(result["peaks"]) == measured
+    assert all(peak > 0 for peak in result["peaks"])
+    assert all(mib > 0 for mib in history.get("peak_memory_mib", []))
 
 
 def test_multi_worker_mirrored_strategy_with_two_local_workers():

@@ -25,7 +25,12 @@ import keras, numpy as np
 from keras_bptt import MemoryBudgetRNN
 from keras_bptt.monitoring.callbacks import BudgetMonitor
 
-log_dir, budget = sys.argv[1], json.loads(sys.argv[2])
+log_dir, budget, statistics = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+if statistics == "zeros":
+    # The statistics of a machine that does not track a step's allocations:
+    # the calls succeed and report nothing (see _train).
+    import tensorflow as tf
+    tf.config.experimental.get_memory_info = lambda device: {{"current": 0, "peak": 0}}
 length, batches, epochs = {length}, {batches}, {epochs}
 layer = MemoryBudgetRNN(keras.layers.LSTMCell(64), memory_budget=budget, name="rnn")
 model = keras.Sequential([keras.Input((length, 4)), layer, keras.layers.Dense(1)])
@@ -49,14 +54,26 @@ print(json.dumps({{"cost": layer.last_plan.cost, "peak": layer.last_plan.peak_me
 """.format(length=LENGTH, batches=BATCHES, epochs=EPOCHS)
 
 
-def _train(log_dir, budget, bfc=True):
-    """Trains in a subprocess whose environment has or lacks the BFC flag."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+def _train(log_dir, budget, statistics="bfc"):
+    """Trains in a subprocess with the allocator statistics `statistics`.
+
+    `"bfc"`: `TF_CPU_ALLOCATOR_USE_BFC=true`, statistics that track every
+    tensor on every machine. `"zeros"`: the same, but `get_memory_info`
+    replaced by one that reports 0 bytes, as on a machine whose statistics
+    leave out a small model's allocations: the untracked branch, forced.
+    `"machine"`: neither the BFC flag nor a replacement, with oneDNN's
+    operations on (`TF_ENABLE_ONEDNN_OPTS=1`), whose CPU allocator keeps
+    partial statistics where TensorFlow uses it: what this machine does.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPU_ALLOCATOR_USE_BFC", "TF_ENABLE_ONEDNN_OPTS")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    if bfc:
+    if statistics == "machine":
+        env["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    else:
         env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     completed = subprocess.run(
-        [sys.executable, "-c", TRAIN, str(log_dir), json.dumps(budget)],
+        [sys.executable, "-c", TRAIN, str(log_dir), json.dumps(budget), statistics],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -87,8 +104,9 @@ def runs(tmp_path_factory):
     for budget in (2, 20, 200):
         log_dir = tmp_path_factory.mktemp(f"budget{budget}")
         results[budget] = (log_dir, _train(log_dir, budget))
-    log_dir = tmp_path_factory.mktemp("no_bfc")
-    results["no_bfc"] = (log_dir, _train(log_dir, 20, bfc=False))
+    for statistics in ("zeros", "machine"):
+        log_dir = tmp_path_factory.mktemp(statistics)
+        results[statistics] = (log_dir, _train(log_dir, 20, statistics))
     return results
 
 
@@ -147,9 +165,15 @@ def _tags(accumulator):
     return set(accumulator.Tags()["tensors"])
 
 
-@pytest.mark.parametrize("run", [20, "no_bfc"])
+@pytest.mark.parametrize("run", [20, "zeros", "machine"])
 def test_counters_reach_history_csv_progress_bar_and_early_stopping(runs, run):
     log_dir, result = runs[run]
+    # The tracked and the untracked branch are forced; the machine's own
+    # statistics may be either, and must then be real or absent.
+    if run == 20:
+        assert result["problem"] is None
+    elif run == "zeros":
+        assert result["problem"] is not None
     history = result["history"]
     # EarlyStopping (listed before BudgetMonitor) read the constant metric
     # and stopped 5 requested epochs after the second.
@@ -168,9 +192,12 @@ def test_counters_reach_history_csv_progress_bar_and_early_stopping(runs, run):
     keras_events = _events(log_dir, "keras/train")
     assert {"batch_rnn_recomputed_steps", "epoch_rnn_recomputed_steps",
             "epoch_rnn_peak_stored_slots"} <= _tags(keras_events)
-    if run == "no_bfc":
+    if result["problem"] is not None:
         assert "peak_memory_mib" not in history
+        assert not any("peak_memory_mib" in row for row in csv_rows)
+        assert not any("peak_memory_mib" in line for line in epoch_lines)
         return
+    assert min(result["peaks"]) > 0
     # The epoch's largest batch peak, in every log, whatever the order.
     peaks = np.array(result["peaks"]).reshape(EPOCHS, BATCHES)
     np.testing.assert_allclose(history["peak_memory_mib"], peaks.max(1) / 2**20)
@@ -187,8 +214,9 @@ def test_counters_reach_history_csv_progress_bar_and_early_stopping(runs, run):
 
 
 def test_without_allocator_statistics_training_goes_on_and_says_why(runs):
-    log_dir, result = runs["no_bfc"]
+    log_dir, result = runs["zeros"]
     assert result["peaks"] == []
+    assert "do not track what a tf.function allocates" in result["problem"]
     assert "TF_CPU_ALLOCATOR_USE_BFC=true" in result["problem"]
     assert "peak memory is not measured" in result["stderr"]
     assert result["stderr"].count("peak memory is not measured") == 1
@@ -201,3 +229,21 @@ def test_without_allocator_statistics_training_goes_on_and_says_why(runs):
     assert len(_series(events, "rnn/measured/backward_steps")) == BATCHES * EPOCHS
     assert len(_series(events, "memory/predicted_stored_bytes")) == BATCHES * EPOCHS
     assert len(_series(events, "rnn/plan")) == 1
+
+
+def test_this_machines_own_statistics_are_measured_or_said_missing(runs):
+    # Whichever kind this machine is: a peak that is logged is a real one
+    # (every step allocates more than the probe's smallest tensor), and one
+    # that is not is explained.
+    log_dir, result = runs["machine"]
+    events = _events(log_dir)
+    if result["problem"] is None:
+        assert min(result["peaks"]) > 64 * 2**10
+        assert len(_series(events, "memory/device_peak_bytes")) == BATCHES * EPOCHS
+        assert min(result["history"]["peak_memory_mib"]) > 0
+    else:
+        assert result["peaks"] == [] and "peak_memory_mib" not in result["history"]
+        assert "memory/device_peak_bytes" not in _tags(events)
+        (text,) = _series(events, "memory/unavailable")
+        assert text.item().decode() == result["problem"]
+        assert "TF_CPU_ALLOCATOR_USE_BFC=true" in result["problem"]

@@ -116,9 +116,11 @@ class LSTM(_KerasRecurrentLayer):
     `recurrent_kernel`, `bias`) are those of `keras.layers.LSTM`: weights
     saved from it load here.
 
-    `use_cudnn` is accepted for compatibility and does not choose the
-    implementation yet (see the module docstring): with gradients the layer
-    runs `MemoryBudgetRNN`'s executor, without them Keras' generic loop.
+    `use_cudnn` sets `MemoryBudgetRNN`'s `fused` unless `fused=` is given
+    (see the module docstring): `"auto"` runs fused segments -- cuDNN's
+    kernel -- on a GPU where cuDNN computes exactly what the cell does,
+    `False` never, `True` always (`BlockLSTMV2` on a CPU) or raises saying
+    why. Without gradients the layer runs Keras' generic loop.
 
     Example:
 

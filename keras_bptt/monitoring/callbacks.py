@@ -8,38 +8,84 @@ import warnings
 import keras
 import tensorflow as tf
 
+from keras_bptt.planning import cost_model
+
 
 def default_memory_device():
     """`"GPU:0"` when TensorFlow sees a GPU, else `"CPU:0"`."""
     return "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
 
 
+# Sizes of the probe's tensors: one under the 256 KiB below which oneDNN's
+# CPU allocator serves requests from a small-size pool its statistics leave
+# out, and one above it.
+PROBE_BYTES = (64 * 2**10, 4 * 2**20)
+
+
+def _how_to_enable(device):
+    if device.upper().startswith("CPU"):
+        return ("set the environment variable TF_CPU_ALLOCATOR_USE_BFC=true "
+                "before TensorFlow is imported")
+    return "check that the device exists and TensorFlow uses it"
+
+
+def _probe_peak_rise(device, nbytes):
+    """How far one `tf.function` holding an `nbytes` tensor raises the peak."""
+
+    @tf.function
+    def allocate(value):
+        # Filled from an argument: no constant folding, a real run-time
+        # allocation (and a second one of the same size for the product).
+        tensor = tf.fill([nbytes // 4], value)
+        return tf.reduce_sum(tensor * tensor)
+
+    with tf.device(device):
+        value = tf.constant(1.0)
+        allocate(value)  # traced outside the measured window
+        tf.config.experimental.reset_memory_stats(device)
+        before = tf.config.experimental.get_memory_info(device)["current"]
+        allocate(value).numpy()
+        peak = tf.config.experimental.get_memory_info(device)["peak"]
+    return int(peak) - int(before)
+
+
 def memory_statistics_problem(device):
     """Why TensorFlow cannot report peak memory on `device`, or `None`.
 
-    Tries `tf.config.experimental.reset_memory_stats(device)` and
-    `get_memory_info(device)`. On CPU they work only when the environment
-    variable `TF_CPU_ALLOCATOR_USE_BFC=true` was set before TensorFlow was
-    imported; without it both raise.
+    That `tf.config.experimental.reset_memory_stats(device)` and
+    `get_memory_info(device)` do not raise is not enough: machines differ.
+    On CPU without `TF_CPU_ALLOCATOR_USE_BFC=true` (set before TensorFlow is
+    imported) some TensorFlow builds raise, while others -- where TensorFlow
+    uses oneDNN's CPU allocator (`TF_ENABLE_ONEDNN_OPTS=1`, the default on
+    some processors) -- answer with statistics that leave out every
+    allocation under 256 KiB, so a small model's training step reads as a
+    peak of 0 bytes. The probe therefore runs a `tf.function` that allocates
+    a tensor of known size (`PROBE_BYTES`: one small, one large) and requires
+    the reported peak to rise by at least that much.
 
     Returns:
-        `None` when the statistics are available, else a sentence that says
-        what is missing and how to enable it.
+        `None` when the statistics really track what a `tf.function`
+        allocates on `device`, else a sentence that says what is missing and
+        how to enable it.
     """
+    how = _how_to_enable(device)
     try:
-        tf.config.experimental.reset_memory_stats(device)
-        tf.config.experimental.get_memory_info(device)
+        rises = {nbytes: _probe_peak_rise(device, nbytes) for nbytes in PROBE_BYTES}
     except (ValueError, RuntimeError, tf.errors.OpError) as error:
-        how = (
-            "set the environment variable TF_CPU_ALLOCATOR_USE_BFC=true "
-            "before TensorFlow is imported"
-            if device.upper().startswith("CPU")
-            else "check that the device exists and TensorFlow uses it"
-        )
         return (
             f"peak memory is not measured: TensorFlow has no allocator "
             f"statistics for {device} ({str(error).strip()}). To measure it, "
             f"{how}."
+        )
+    missed = [(nbytes, rise) for nbytes, rise in rises.items() if rise < nbytes]
+    if missed:
+        nbytes, rise = missed[0]
+        return (
+            f"peak memory is not measured: TensorFlow's allocator statistics "
+            f"for {device} do not track what a tf.function allocates (a "
+            f"{nbytes // 2**10} KiB tensor raised the reported peak by {rise} "
+            f"bytes; oneDNN's CPU allocator leaves out allocations under "
+            f"256 KiB). To measure it, {how}."
         )
     return None
 
@@ -48,11 +94,15 @@ class BatchMemoryUsage(keras.callbacks.Callback):
     """Records each training batch's peak device memory and wall time.
 
     Resets TensorFlow's allocator statistics before every batch and reads the
-    peak after it. On CPU, TensorFlow keeps these statistics only when the
+    peak after it. On CPU, TensorFlow keeps complete statistics only when the
     environment variable `TF_CPU_ALLOCATOR_USE_BFC=true` was set before it
-    was imported. Without statistics the callback never stops training: it
-    warns once (`problem` says what is missing), records only the times and
-    leaves the byte lists empty.
+    was imported. At first use the callback checks that the statistics
+    really track what a `tf.function` allocates (`memory_statistics_problem`),
+    and it treats a batch whose reported peak is 0 bytes the same way: it
+    never records a figure it cannot trust. Without statistics it never
+    stops training: it warns once (`problem` says what is missing and how to
+    enable them), records only the times and leaves the byte lists empty
+    from then on.
 
     Args:
         device: `"GPU:0"`, `"CPU:0"`, or `None` to pick the GPU when present.
@@ -103,9 +153,9 @@ class BatchMemoryUsage(keras.callbacks.Callback):
         if self._checked:
             return
         self._checked = True
-        self.problem = memory_statistics_problem(self.device)
-        if self.problem is not None:
-            warnings.warn(f"keras_bptt.monitoring.callbacks: {self.problem}", stacklevel=3)
+        problem = memory_statistics_problem(self.device)
+        if problem is not None:
+            self._stop_measuring(problem)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.measures_memory:
@@ -118,9 +168,23 @@ class BatchMemoryUsage(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
         if self.measures_memory:
-            info = tf.config.experimental.get_memory_info(self.device)
-            self.peak_bytes.append(int(info["peak"]))
-            self.step_peak_bytes.append(int(info["peak"]) - int(self._start_bytes))
+            peak = int(tf.config.experimental.get_memory_info(self.device)["peak"])
+            if peak <= 0:
+                # Every training step allocates: statistics that say otherwise
+                # are not recorded as a measurement.
+                self._stop_measuring(
+                    f"peak memory is not measured: TensorFlow's allocator "
+                    f"statistics for {self.device} reported a peak of {peak} "
+                    f"bytes for a training step. To measure it, "
+                    f"{_how_to_enable(self.device)}."
+                )
+                return
+            self.peak_bytes.append(peak)
+            self.step_peak_bytes.append(peak - int(self._start_bytes))
+
+    def _stop_measuring(self, problem):
+        self.problem = problem
+        warnings.warn(f"keras_bptt.monitoring.callbacks: {problem}", stacklevel=3)
 
 
 def budgeted_layers(model):
@@ -150,7 +214,8 @@ def _plan_text(layer, plan, stats):
         f"alpha={stats['alpha']:.3g}, cost={plan.cost} forward ops "
         f"({plan.cost_per_step:.3f} per step), peak {plan.peak_memory:g} slots "
         f"= {plan.peak_memory * stats['slot_bytes'] / 2**20:.2f} MiB, "
-        f"predicted time vs standard BPTT {plan.predicted_time_ratio():.3f}x (b=2)"
+        f"predicted time vs standard BPTT {plan.predicted_time_ratio():.3f}x "
+        f"(b={cost_model.DEFAULT_BACKWARD_RATIO:g})"
     )
 
 
@@ -185,11 +250,13 @@ class BudgetMonitor(keras.callbacks.Callback):
       the step's logs before any callback sees them.
 
     Device memory is the peak of TensorFlow's allocator statistics on
-    `device` (the GPU when there is one). On CPU TensorFlow keeps them only
-    when `TF_CPU_ALLOCATOR_USE_BFC=true` was set before it was imported.
-    Without them training goes on: the callback warns once, writes every
-    other summary, leaves `peak_memory_mib` out of the logs and writes a
-    text summary `memory/unavailable` that says how to enable them.
+    `device` (the GPU when there is one). On CPU TensorFlow keeps complete
+    statistics only when `TF_CPU_ALLOCATOR_USE_BFC=true` was set before it
+    was imported; `BatchMemoryUsage` checks that they track a `tf.function`'s
+    allocations before it trusts them. Without them training goes on: the
+    callback warns once, writes every other summary, leaves
+    `peak_memory_mib` out of the logs and writes a text summary
+    `memory/unavailable` that says why and how to enable them.
 
     Under `tf.distribute`, counters are those of one replica: every replica
     runs the same plan, and the budget is per replica.
@@ -238,6 +305,7 @@ class BudgetMonitor(keras.callbacks.Callback):
         self._step = 0
         self._epoch_peak_bytes = 0
         self._unwrapped_train_function = None
+        self._unavailable_written = False
 
     @property
     def peak_bytes(self):
@@ -275,14 +343,20 @@ class BudgetMonitor(keras.callbacks.Callback):
             tf.summary.experimental.write_raw_pb(
                 _memory_chart_layout(), step=0, name="custom_scalars"
             )
-            if not self._memory.measures_memory:
-                tf.summary.text("memory/unavailable", self.problem, step=0)
+            self._write_unavailable(step=0)
             if self._layers:
                 from keras_bptt.layers import model_budget
 
                 text = model_budget.summary_markdown(self.model)
                 tf.summary.text("memory/budget_summary", text, step=0)
         self._wrap_train_function()
+
+    def _write_unavailable(self, step):
+        """The text summary that says why memory is not measured, once."""
+        if self._memory.measures_memory or self._unavailable_written:
+            return
+        self._unavailable_written = True
+        tf.summary.text("memory/unavailable", self.problem, step=step)
 
     def _wrap_train_function(self):
         """Measures each step inside `model.train_function` (see the class)."""
@@ -313,6 +387,7 @@ class BudgetMonitor(keras.callbacks.Callback):
         if self._step % self.update_freq:
             return
         with self._writer.as_default(step=self._step):
+            self._write_unavailable(step=self._step)
             if self._memory.measures_memory and self.peak_bytes:
                 tf.summary.scalar("memory/device_peak_bytes", self.peak_bytes[-1])
                 tf.summary.scalar(
