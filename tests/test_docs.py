@@ -58,6 +58,58 @@ def test_links_between_pages_resolve_inside_the_repository():
             assert resolved.exists(), (page.name, target)
 
 
+def _slug(heading):
+    """GitHub's anchor for a Markdown heading."""
+    text = heading.strip().lower().replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(page):
+    return {_slug(line.lstrip("#")) for line in page.read_text().splitlines()
+            if re.match(r"#{1,6} ", line)}
+
+
+_LINK_WITH_ANCHOR = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)")
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(
+    str(p.relative_to(ROOT)) for p in DOCS.glob("*.md"))])
+def test_links_images_and_anchors_resolve_inside_the_repository(page):
+    page = ROOT / page
+    for target, anchor in _LINK_WITH_ANCHOR.findall(page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        resolved = (page.parent / target).resolve() if target else page
+        assert resolved.is_relative_to(ROOT), (page.name, target)
+        assert resolved.exists(), (page.name, target)
+        if anchor and resolved.suffix == ".md":
+            assert anchor in _anchors(resolved), (page.name, target, anchor)
+
+
+def test_readme_cites_nothing_outside_the_repository():
+    text = (ROOT / "README.md").read_text()
+    offending = [line for line in text.splitlines()
+                 if _OUTSIDE_NOTES.search(line) or _OUTSIDE_PATHS.search(line)]
+    assert not offending
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^# Tests\n(.+)$", readme, re.MULTILINE).group(1)
+    assert command == 'pip install -e ".[test]" && python -m pytest -q -n 2 --dist loadscope'
+    pytest_command = command.split(" && ")[1]
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci.endswith("&& " + pytest_command), ci
+
+
+def test_benchmarks_page_quotes_the_recorded_results():
+    """Every result file is on the benchmarks page, and every figure exists."""
+    text = (DOCS / "benchmarks.md").read_text()
+    for result in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        assert f"`{result.stem}" in text, result.name
+        assert result.with_suffix(".png").is_file(), result.name
+
+
 def test_docs_pages_cited_in_code_and_tests_exist():
     cited = set()
     for folder in ("keras_bptt", "tests"):
