@@ -137,6 +137,14 @@ def _cache_dropout_masks(cell, x, flat_states):
         cell.get_recurrent_dropout_mask(flat_states[0])
 
 
+def _prepared_step(cell):
+    """(step, x, states) for a built cell, its dropout masks cached."""
+    x = _normal([BATCH, FEATURES], seed=1)
+    states = _initial_states(cell)
+    _cache_dropout_masks(cell, x, states)
+    return internal_states.internal_state_step(cell), x, states
+
+
 def _cotangents(like, seed):
     return [_normal(t.shape, seed=seed + i) for i, t in enumerate(like)]
 
@@ -257,10 +265,7 @@ def test_float64_cell_step_is_exact():
 
 def test_step_is_exact_inside_tf_function():
     cell = _built(keras.layers.LSTMCell(4, dropout=0.4, recurrent_dropout=0.3))
-    x = _normal([BATCH, FEATURES], seed=1)
-    states = _initial_states(cell)
-    _cache_dropout_masks(cell, x, states)
-    step = internal_states.internal_state_step(cell)
+    step, x, states = _prepared_step(cell)
     d_output = _normal([BATCH, 4], seed=2)
 
     def forward_and_backward(x, states):
@@ -300,10 +305,7 @@ def test_step_is_exact_inside_tf_function():
 )
 def test_backward_and_restore_recompute_no_matmul(make_cell):
     cell = _built(make_cell())
-    x = _normal([BATCH, FEATURES], seed=1)
-    states = _initial_states(cell)
-    _cache_dropout_masks(cell, x, states)
-    step = internal_states.internal_state_step(cell)
+    step, x, states = _prepared_step(cell)
     output, new_states, internal = step.forward(x, states, training=True)
 
     forward_matmuls = _matmul_count(
@@ -352,11 +354,7 @@ def test_backward_and_restore_recompute_no_matmul(make_cell):
 def test_internal_state_size_is_the_documented_alpha(
     make_cell, hidden, internal_over_hidden
 ):
-    cell = _built(make_cell())
-    x = _normal([BATCH, FEATURES], seed=1)
-    states = _initial_states(cell)
-    _cache_dropout_masks(cell, x, states)
-    step = internal_states.internal_state_step(cell)
+    step, x, states = _prepared_step(_built(make_cell()))
     _, _, internal = step.forward(x, states, training=True)
     assert cell_memory.per_sample_bytes(states) == 4 * hidden
     alpha = cell_memory.per_sample_bytes(
@@ -364,6 +362,29 @@ def test_internal_state_size_is_the_documented_alpha(
     ) / cell_memory.per_sample_bytes(states)
     assert alpha == pytest.approx(internal_over_hidden)
     assert len(internal) == step.internal_count
+
+
+def _per_sample_sizes(tensors):
+    return tuple(int(np.prod(t.shape[1:])) for t in tensors)
+
+
+@pytest.mark.parametrize(
+    "make_cell",
+    [lambda c=c: c[0](c[1], **c[2]) for c in CELL_CASES.values()]
+    + [lambda c=c: keras.layers.StackedRNNCells(c()) for c in STACK_CASES.values()],
+    ids=list(CELL_CASES) + [f"stack-{k}" for k in STACK_CASES],
+)
+def test_stated_sizes_are_the_forward_passs(make_cell):
+    # keras_bptt.planning.cell_sizes states the sizes the layer plans with
+    # (and the command line derives): they are those of the real tensors.
+    step, x, states = _prepared_step(_built(make_cell()))
+    _, new_states, internal = step.forward(x, states, training=True)
+    sizes = step.sizes()
+    assert sizes.internal == _per_sample_sizes(internal)
+    assert sizes.hidden == _per_sample_sizes(states) == _per_sample_sizes(new_states)
+    assert sizes.alpha == pytest.approx(
+        cell_memory.per_sample_bytes(internal) / cell_memory.per_sample_bytes(states))
+    assert len(sizes.internal) == step.internal_count
 
 
 def test_variables_are_the_trainable_tf_variables_in_order():

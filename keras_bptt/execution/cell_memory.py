@@ -12,6 +12,10 @@ For an `LSTMCell(256)` with 32 input features it gives 3.56 (the three gate
 sigmoids, two tanh, the previous c and h, and the input), matching the
 per-step memory that `keras.layers.RNN` was measured to keep.
 
+A cell with an internal-state step plans with the internal state's size
+instead (`cell_alpha`): for the built-in cells as
+`keras_bptt.planning.cell_sizes` states it, with no trace.
+
 Known limitation: this is what the step's gradient reads; TensorFlow's
 accumulators may keep slightly more (a tensor read by an op that is later
 optimised away) or less (grappler rewrites).
@@ -153,17 +157,22 @@ def estimate_alpha(step_fn, step_input, states):
     return max(1.0, used_bytes[0] / hidden)
 
 
-def internal_alpha(forward_fn, step_input, states):
+def internal_alpha(forward_fn, step_input, states, sizes=None):
     """alpha of a cell with internal states: their bytes over the states'.
 
     Args:
         forward_fn: `forward_fn(x_t, states) -> (output, new_states, internal)`.
         step_input: One time step of input, `[batch, ...]`.
         states: Flat list of state tensors `[batch, ...]`.
+        sizes: The step's `keras_bptt.planning.cell_sizes.CellSizes`, where
+            it states them (the built-in cells' steps do): alpha is then
+            their ratio, without tracing `forward_fn`.
 
     Returns:
         The ratio of per-sample bytes, a float.
     """
+    if sizes is not None:
+        return sizes.alpha
 
     def spec(t):
         return tf.TensorSpec([None] + t.shape[1:].as_list(), t.dtype)
@@ -173,3 +182,31 @@ def internal_alpha(forward_fn, step_input, states):
     ).get_concrete_function(spec(step_input), [spec(s) for s in states])
     internal = tf.nest.flatten(traced.structured_outputs)
     return per_sample_bytes(internal) / max(per_sample_bytes(states), 1)
+
+
+def cell_alpha(loop_step, internal_step, cell_step, step_input, states):
+    """The alpha a layer plans with for its cell, a float.
+
+    With an internal-state step: the internal state's size over the hidden
+    state's (`internal_alpha`), from the sizes the step states
+    (`cell_step.sizes()`; the built-in cells' come from
+    `keras_bptt.planning.cell_sizes`, as the `keras-bptt plan` command's
+    do), else measured on a traced step. Without one: what autodiff keeps
+    per step, measured (`estimate_alpha`). A mask's extra hidden state per
+    internal state is the caller's to add.
+
+    Args:
+        loop_step: The cell's `keras_bptt.execution.steps.RNNLoopStep`.
+        internal_step: `loop_step.with_internal_state(cell_step)`, or None.
+        cell_step: The cell's `CellStepWithInternalState`, or None.
+        step_input: One time step of input, `[batch, ...]`.
+        states: The cell's flat state tensors `[batch, ...]`.
+    """
+    if internal_step is None:
+        return estimate_alpha(
+            lambda x, s: loop_step.step(x, None, s), step_input, states
+        )
+    sizes = getattr(cell_step, "sizes", lambda: None)()
+    return internal_alpha(
+        lambda x, s: internal_step.forward(x, None, s), step_input, states, sizes
+    )

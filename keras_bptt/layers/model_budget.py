@@ -186,19 +186,14 @@ def memory_facts(layer, masked=False, scheme=None):
     # generator): the traced steps below sample their own, in the trace.
     layer._maybe_reset_dropout_masks(cell)
     loop_step = steps_lib.RNNLoopStep(cell, initial_state, True, carry_output)
-    internal_step = None
+    internal_step = cell_step = None
     if scheme == "auto" or _stores_internal_states(scheme):
         cell_step = internal_states.internal_state_step(cell)
         if cell_step is not None:
             internal_step = loop_step.with_internal_state(cell_step)
-    if internal_step is not None:
-        alpha = cell_memory.internal_alpha(
-            lambda x, s: internal_step.forward(x, None, s), step_input, cell_states
-        )
-    else:
-        alpha = cell_memory.estimate_alpha(
-            lambda x, s: loop_step.step(x, None, s), step_input, cell_states
-        )
+    alpha = cell_memory.cell_alpha(
+        loop_step, internal_step, cell_step, step_input, cell_states
+    )
     if masked and internal_step is not None:
         alpha += 1.0
     flat_states = cell_states

@@ -378,21 +378,13 @@ class MemoryBudgetRNN(keras.layers.RNN):
         """The parsed `keras_bptt.planning.budget.Budget`."""
         return self._budget
 
-    def _cell_alpha(self, loop_step, internal_step, step_input, flat_states):
-        """alpha: exact for internal-state cells, else autodiff's measured."""
+    def _cell_alpha(self, loop_step, internal_step, cell_step, step_input,
+                    flat_states):
+        """alpha (`keras_bptt.execution.cell_memory.cell_alpha`), cached."""
         if self._alpha is None:
-            if internal_step is not None:
-                self._alpha = cell_memory.internal_alpha(
-                    lambda x, s: internal_step.forward(x, None, s),
-                    step_input,
-                    flat_states,
-                )
-            else:
-                self._alpha = cell_memory.estimate_alpha(
-                    lambda x, s: loop_step.step(x, None, s),
-                    step_input,
-                    flat_states,
-                )
+            self._alpha = cell_memory.cell_alpha(
+                loop_step, internal_step, cell_step, step_input, flat_states
+            )
         return self._alpha
 
     def _program_tensors(self, length, batch_size, state_bytes, alpha, internal):
@@ -510,7 +502,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
         loop_step = steps_lib.RNNLoopStep(
             self.cell, initial_state, training, carry_output
         )
-        internal_step = None
+        internal_step = cell_step = None
         if self.scheme == "auto" or _stores_internal_states(self.scheme):
             cell_step = internal_states.internal_state_step(self.cell)
             if cell_step is not None:
@@ -532,7 +524,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 loop_step.zero_output(sequences[:, 0], flat_states)
             ]
         alpha = self._cell_alpha(
-            loop_step, internal_step, sequences[:, 0], cell_states
+            loop_step, internal_step, cell_step, sequences[:, 0], cell_states
         )
         if mask is not None and internal_step is not None:
             alpha += 1.0  # masked internal states also hold the new states

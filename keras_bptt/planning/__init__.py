@@ -7,6 +7,8 @@
   (`docs/algorithm.md`).
 * `cost_model` -- predicted time of a plan relative to standard BPTT
   (`docs/cost-model.md`).
+* `cell_sizes` -- the built-in cells' hidden and internal state sizes
+  (alpha, bytes of one slot).
 * `fused` -- the launch-aware planner for fused kernel segments.
 * `schedule` -- turns a DP's split decisions into a `Plan`'s ops.
 * `simulator` -- replays a plan and checks it against its budget.

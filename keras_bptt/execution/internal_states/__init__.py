@@ -26,6 +26,9 @@ Protocol
   one helper shared by all cells;
 - `restore(internal) -> new_states`: the step's new recurrent state from
   `internal`, with elementwise ops only;
+- `sizes()` (optional): the per-sample sizes of the states and of
+  `internal`, a `keras_bptt.planning.cell_sizes.CellSizes` (None: measure
+  them on a traced step);
 - `internal_count`: the number of tensors in `internal` (fixed per cell
   configuration; needed to compose steps of a `StackedRNNCells`).
 
@@ -54,22 +57,14 @@ Keras caches masks even for `training=False` calls.
 
 Internal states and alpha
 -------------------------
-With `u` units, `f` input features and hidden state size `H` (`2u` for an
-LSTM, `u` otherwise), alpha = size(internal) / H:
-
-- `LSTMCell`: x, h_prev, c_prev and the 4u gate pre-activations z;
-  alpha = 3 + f/(2u). `restore`: c = f*c_prev + i*g, h = o*act(c) from z.
-- `GRUCell(reset_after=True)`: x, h_prev, the update/reset pre-activations
-  (2u), and the candidate's input and recurrent projections (2u);
-  alpha = 5 + f/u.
-- `GRUCell(reset_after=False)`: x, h_prev, the update/reset pre-activations
-  (2u) and the candidate's pre-activation (u); alpha = 4 + f/u.
-- `SimpleRNNCell`: x, h_prev and the pre-activation (u); alpha = 2 + f/u.
-- `StackedRNNCells`: the inner cells' internal states, concatenated in
-  order; alpha = (sum of their sizes) / (sum of their H).
-
-A cell with `dropout` or `recurrent_dropout` configured adds the `[batch, 1]`
-flag: `+ 1/H`.
+alpha = size(internal) / size(hidden state). What each built-in cell's
+internal state holds, and so its alpha (`3 + f/(2u)` for an `LSTMCell` of
+`u` units on `f` input features), is stated once in
+`keras_bptt.planning.cell_sizes`; the steps report it as `sizes()` and the
+layer plans with it. `StackedRNNCells`: the inner cells' internal states,
+concatenated in order; alpha = (sum of their sizes) / (sum of their hidden
+sizes). A custom step that states no `sizes()` has its internal state
+measured on a traced step.
 
 Why a per-cell protocol and not a generic route
 -----------------------------------------------

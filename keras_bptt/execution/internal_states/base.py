@@ -9,6 +9,8 @@ bookkeeping of Keras' built-in cells, serve the per-family modules.
 
 import tensorflow as tf
 
+from keras_bptt.planning import cell_sizes
+
 PROTOCOL_METHOD = "memory_budget_internal_step"
 
 
@@ -83,6 +85,15 @@ class CellStepWithInternalState:
     def restore(self, internal):
         """The step's flat new states, from `internal` with elementwise ops."""
         raise NotImplementedError
+
+    def sizes(self):
+        """Per-sample sizes of the states and of `internal`, or None.
+
+        A `keras_bptt.planning.cell_sizes.CellSizes`: the layer's alpha is
+        their ratio. None (the default) lets the layer measure `forward`'s
+        internal state on a traced step instead.
+        """
+        return None
 
 
 # The name before 0.2.0, which custom cells subclass.
@@ -180,15 +191,16 @@ def as_list(mask):
 class KerasCellStep(CellStepWithInternalState):
     """What the built-in cells share: weights, dropout bookkeeping, layout.
 
-    Subclasses define `_core_count` (internal tensors before the dropout
-    flag), `_step` (forward), `_elementwise_of_core` (restore) and
+    Subclasses define `_kind` (the cell's kind in
+    `keras_bptt.planning.cell_sizes`, which states the internal state's
+    tensors and sizes), `_step` (forward), `_elementwise_of_core` (restore) and
     `_backward_core`, which returns (dx, d_states, (d_kernel,
     d_recurrent_kernel, d_bias)); `_input_dropout_applies(training)` and
     `_recurrent_dropout_applies(training)` are the cell's own conditions
     for applying dropout (here the LSTM's and GRU's).
     """
 
-    _core_count = None
+    _kind = None  # the cell's kind in keras_bptt.planning.cell_sizes
 
     def __init__(self, cell):
         self.cell = cell
@@ -206,7 +218,8 @@ class KerasCellStep(CellStepWithInternalState):
 
     @property
     def internal_count(self):
-        return self._core_count + int(self._has_dropout_flag)
+        # How many sizes, not which: known before the cell is built.
+        return len(self._sizes(input_dim=0).internal)
 
     def forward(self, x, states, training):
         self._require_built()
@@ -232,6 +245,19 @@ class KerasCellStep(CellStepWithInternalState):
     def restore(self, internal):
         core, _ = self._split_flag(internal)
         return self._elementwise_of_core(core)[1:]
+
+    def sizes(self):
+        """The cell's `CellSizes`, as `keras_bptt.planning.cell_sizes` states."""
+        self._require_built()
+        return self._sizes(self.cell.kernel.shape[0])
+
+    def _sizes(self, input_dim):
+        cell = self.cell
+        return cell_sizes.cell_sizes(
+            self._kind, cell.units, input_dim,
+            reset_after=getattr(cell, "reset_after", True),
+            dropout=self._has_dropout_flag,
+        )
 
     # -- forward helpers ----------------------------------------------------
 

@@ -13,9 +13,7 @@ class GRUCellStep(base.KerasCellStep):
     update and reset gates' pre-activations.
     """
 
-    @property
-    def _core_count(self):
-        return 5 if self.cell.reset_after else 4
+    _kind = "gru"
 
     # -- forward ------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from keras_bptt.execution.internal_states import base
 class LSTMCellStep(base.KerasCellStep):
     """`LSTMCell`; internal = [x, h_prev, c_prev, z]."""
 
-    _core_count = 4
+    _kind = "lstm"
 
     def _step(self, x, states, training):
         h_prev, c_prev = states

@@ -7,8 +7,7 @@ from keras_bptt.execution.internal_states import lstm
 from keras_bptt.execution.internal_states import simple_rnn
 from keras_bptt.execution.internal_states import stacked
 from keras_bptt.execution.internal_states.base import PROTOCOL_METHOD
-
-_FLOAT_DTYPES = ("float32", "float64")
+from keras_bptt.planning import cell_sizes
 
 
 def internal_state_step(cell):
@@ -110,7 +109,7 @@ def _keras_cell_reason(cell, base, methods):
             f"{name} overrides {', '.join(overridden)} of {base.__name__}; its "
             "step may differ from the one the internal-state step mirrors"
         )
-    if cell.compute_dtype not in _FLOAT_DTYPES:
+    if not cell_sizes.stores_internal_states(cell.compute_dtype):
         return (
             f"{name} computes in {cell.compute_dtype}; internal-state steps "
             "support float32 and float64 only (mixed precision is not "

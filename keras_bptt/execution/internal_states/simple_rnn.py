@@ -8,7 +8,7 @@ from keras_bptt.execution.internal_states import base
 class SimpleRNNCellStep(base.KerasCellStep):
     """`SimpleRNNCell`; internal = [x, h_prev, pre-activation]."""
 
-    _core_count = 3
+    _kind = "simple"
 
     def _input_dropout_applies(self, training):
         return bool(training) and self.cell.dropout > 0

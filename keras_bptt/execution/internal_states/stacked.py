@@ -1,5 +1,8 @@
 """The internal-state step of `keras.layers.StackedRNNCells`."""
 
+import functools
+import operator
+
 import keras
 
 from keras_bptt.execution import cell_memory
@@ -68,6 +71,13 @@ class StackedCellsStep(base.CellStepWithInternalState):
             d_states = list(cell_d_states) + d_states
             d_variables = list(cell_d_variables) + d_variables
         return d_output, d_states, d_variables
+
+    def sizes(self):
+        """The cells' `CellSizes` in order (None if one's are unknown)."""
+        parts = [getattr(step, "sizes", lambda: None)() for step in self.steps]
+        if any(part is None for part in parts):
+            return None
+        return functools.reduce(operator.add, parts)
 
     def restore(self, internal):
         return [
