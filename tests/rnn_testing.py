@@ -136,3 +136,43 @@ def assert_same_results(reference_results, budgeted_results):
     for i, (a, b) in enumerate(zip(grads, ref_grads)):
         assert a is not None and b is not None, f"gradient {i} is None"
         assert_close(tf.convert_to_tensor(a), tf.convert_to_tensor(b), name=f"gradient {i}")
+
+
+def model_outputs_and_gradients(model, x, training=False):
+    """A model's outputs and the gradients of `_loss` of them, plus the
+    losses its layers add (`add_loss`): `(outputs, input_gradients,
+    weight_gradients)`, for its floating-point inputs (`x`: a tensor, or a
+    list or dict of them) and every trainable weight."""
+    x = tf.nest.map_structure(tf.convert_to_tensor, x)
+    watched = [t for t in tf.nest.flatten(x) if t.dtype.is_floating]
+    with tf.GradientTape() as tape:
+        tape.watch(watched)
+        outputs = model(x, training=training)
+        loss = _loss(outputs) + sum(model.losses)
+    grads = tape.gradient(loss, watched + list(model.trainable_weights))
+    return tf.nest.flatten(outputs), grads[:len(watched)], grads[len(watched):]
+
+
+def assert_model_equals_original(original, converted, x, training=False):
+    """Same weights (shapes and values), outputs and gradients (inputs and
+    every weight) to 1e-5."""
+    assert [w.shape for w in converted.weights] == [w.shape for w in original.weights]
+    for a, b in zip(converted.weights, original.weights):
+        np.testing.assert_array_equal(a, b, err_msg=a.path)
+    (ref_out, *ref_grads), (out, *grads) = (
+        model_outputs_and_gradients(original, x, training),
+        model_outputs_and_gradients(converted, x, training),
+    )
+    assert len(out) == len(ref_out)
+    for i, (a, b) in enumerate(zip(out, ref_out)):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"output {i}")
+    for kind, actual, expected in zip(("input", "weight"), grads, ref_grads):
+        assert len(actual) == len(expected)
+        for i, (a, b) in enumerate(zip(actual, expected)):
+            name = f"{kind} gradient {i}"
+            if kind == "input" and a is None and b is None:
+                continue  # an input the loss does not depend on (labels)
+            assert a is not None and b is not None, f"{name} is None"
+            a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)  # IndexedSlices
+            assert_close(a, b, name=name)
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)

@@ -8,46 +8,13 @@ import tensorflow as tf
 import keras_bptt
 from keras_bptt import MemoryBudgetRNN
 from rnn_testing import NestedStateCell
-from rnn_testing import _loss
-from rnn_testing import assert_close
+from rnn_testing import assert_model_equals_original
 
 LENGTH, FEATURES, BATCH = 10, 3, 3
 
 
 def _x(shape=(BATCH, LENGTH, FEATURES), seed=0):
     return tf.constant(np.random.default_rng(seed).normal(size=shape), tf.float32)
-
-
-def _outputs_and_gradients(model, x, training=False):
-    x = tf.convert_to_tensor(x)
-    watch = x.dtype.is_floating
-    with tf.GradientTape() as tape:
-        if watch:
-            tape.watch(x)
-        outputs = model(x, training=training)
-        loss = _loss(outputs)
-    sources = ([x] if watch else []) + list(model.trainable_weights)
-    return tf.nest.flatten(outputs), tape.gradient(loss, sources)
-
-
-def assert_model_equals_original(original, converted, x, training=False):
-    """Same outputs and gradients (inputs and every weight) to 1e-5."""
-    assert [w.shape for w in converted.trainable_weights] == [
-        w.shape for w in original.trainable_weights
-    ]
-    (ref_out, ref_grads), (out, grads) = (
-        _outputs_and_gradients(original, x, training),
-        _outputs_and_gradients(converted, x, training),
-    )
-    assert len(out) == len(ref_out)
-    for i, (a, b) in enumerate(zip(out, ref_out)):
-        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"output {i}")
-    assert len(grads) == len(ref_grads)
-    for i, (a, b) in enumerate(zip(grads, ref_grads)):
-        assert a is not None and b is not None, f"gradient {i} is None"
-        a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)  # IndexedSlices
-        assert_close(a, b, name=f"gradient {i}")
-        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"gradient {i}")
 
 
 def _executions(model):

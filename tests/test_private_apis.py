@@ -150,6 +150,35 @@ def test_functional_is_the_class_of_functional_models():
     assert not isinstance(Subclassed(), Functional)
 
 
+def test_clone_model_compiles_the_clone_only_when_compiled_is_true():
+    # keras_bptt/layers/convert.py (_clone) clears the flag around clone_model.
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer="sgd", loss="mse")
+    assert keras.models.clone_model(model).compiled
+    model.compiled = False
+    try:
+        assert not keras.models.clone_model(model).compiled
+    finally:
+        model.compiled = True
+    assert model.compiled and model.loss == "mse"
+
+
+def test_compile_config_holds_the_compile_arguments_as_given():
+    # keras_bptt/layers/convert.py (_compile_like).
+    def loss(y_true, y_pred):
+        return keras.ops.mean(keras.ops.square(y_true - y_pred))
+
+    metric = keras.metrics.MeanAbsoluteError()
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer="sgd", loss=loss, metrics=[metric, "mse"])
+    arguments = model._compile_config.config
+    assert arguments["loss"] is loss
+    assert arguments["metrics"][0] is metric and arguments["metrics"][1] == "mse"
+    assert set(arguments) == set(model.get_compile_config())
+
+
 class _RecordingRNN(keras.layers.RNN):
     """Records the cell's cached dropout masks when `inner_loop` runs."""
 
