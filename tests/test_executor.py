@@ -80,6 +80,44 @@ def test_program_lowering_fuses_and_folds_operations():
     assert len(program.instructions) - evaluations.sum() <= 2
 
 
+@pytest.mark.parametrize(
+    "length, budget, scheme, alpha",
+    [(1, 1, "hsm", 1.0), (37, 5, "hsm", 1.0), (1000, 50, "hsm", 1.0),
+     (1000, 1001, "store_all", 1.0), (200, 20, "bisection", 1.0),
+     (1000, 300, "ism", 3.0), (1000, 100, "msm", 2.0),
+     (500, 40, "msm_early", 2.0), (60, 9, "recompute_all", 1.0)],
+)
+def test_runs_encode_the_backward_program_exactly(length, budget, scheme, alpha):
+    from keras_bptt.planning import planner
+
+    program = program_lib.compile_program(
+        planner.make_plan(length, budget, scheme=scheme, alpha=alpha))
+    rows, runs = program.instructions, program.runs
+    # Decoding the runs gives back every instruction, in order.
+    np.testing.assert_array_equal(program_lib.instructions_of(runs), rows)
+    assert (runs[:, 0] >= 1).all()
+
+    def signature(row):
+        return program_lib.signature_of(row, program.scratch_slot, length)
+
+    start = 0
+    for run in runs:
+        count = int(run[0])
+        # One signature per run: its kernel needs no per-step switch.
+        assert len({signature(row) for row in rows[start:start + count]}) == 1
+        # Greedy and maximal: the next instruction could not extend the run.
+        if start + count < len(rows):
+            follower = rows[start + count]
+            delta = run[1 + program_lib.INSTRUCTION_WIDTH:]
+            extends = (
+                signature(follower) == signature(rows[start])
+                and (count == 1 or np.array_equal(
+                    follower - rows[start + count - 1], delta))
+            )
+            assert not extends
+        start += count
+
+
 def test_a_cell_that_never_ran_in_an_rnn_can_be_stepped():
     from keras_bptt.execution.steps import RNNLoopStep
 

@@ -13,14 +13,18 @@ wraps the whole recurrence.
   releases early (`Program.forward_release`). Because the loop runs inside a
   function whose gradient is overridden, TensorFlow keeps no per-step
   accumulators for it.
-* Its gradient function interprets the plan's backward program
-  (`keras_bptt.execution.program`), one step evaluation per instruction: restore the
-  register from a hidden slot (or, HSM aside, from a stored internal state),
-  then recompute a step (keeping its internal state for ISM/MSM) or
-  backpropagate one -- a vector-Jacobian product of the step evaluated under
-  a `tf.GradientTape` from the register, or the cell's own backward from a
-  stored internal state (`LoopStepWithInternalState`, no recomputation) --
-  then store the register in a hidden slot.
+* Its gradient function executes the plan's backward program
+  (`keras_bptt.execution.program`) as *runs*: arithmetic progressions of
+  instructions of one `Signature` (`Program.runs`). An outer
+  `tf.while_loop` takes one run per iteration and hands it to the kernel of
+  its signature, an inner `tf.while_loop` over the run's instructions with
+  no switch: each restores the register from a hidden slot (or, HSM aside,
+  from a stored internal state), then recomputes a step (keeping its
+  internal state for ISM/MSM) or backpropagates one -- a vector-Jacobian
+  product of the step evaluated under a `tf.GradientTape` from the
+  register, or the cell's own backward from a stored internal state
+  (`LoopStepWithInternalState`, no recomputation) -- then stores the
+  register in a hidden slot, each only where the signature says so.
 
 The buffers are `tf.TensorArray`s with `Program.hidden_slots` (and
 `Program.internal_slots`) entries plus one scratch entry each (which absorbs
@@ -32,26 +36,25 @@ last-in first-out, so a freed deep slot would otherwise keep its state alive
 until the plan stores that deep again (for MSM at 2% of an LSTM's standard
 BPTT, about 47 units beyond the plan's 61).
 
-Interpreter overhead. Every op of a loop body runs once per step (and a
-`tf.switch_case` also walks its untaken branches), so when the program is a
-constant while tracing (a static sequence length) the gradient function is
-specialised to it: the first instruction (always `BACKWARD t`, the only one
-that receives the output's cotangent when `return_sequences=False`) and a
-trailing `EXEC_NOP` run once outside the loop, and the loop over the others
-(`_Traits`) builds only the switch branches of the opcodes that occur (no
-switch at all for one opcode, e.g. `store_all`, or HSM with every state
-stored), only the restores, releases, stores and peak counts that occur,
-and carries as loop variables only what it changes. Counters stay measured:
-each branch adds its own increments, and peaks are taken only where a store
-can raise them. The forward loop likewise skips the early-release
-bookkeeping when the sweep releases nothing: its live counts then never
-decrease, and their final values are its peaks. Inputs are read with one
-gather per step (`x[:, j]` in place, no time-major copy), and a freed slot
-is written only after the read of its state, so that the write need not
-copy the buffer's list. The graph depends on which kinds of instructions a
-program has, never on t. When t is unknown while tracing, the program is
-fetched at run time (`tf.numpy_function`) and runs through the general
-interpreter (every branch and check), so one trace serves every length.
+Executor overhead. Every op of a loop body runs once per iteration (and a
+`tf.switch_case` also walks its untaken branches), so the per-step body
+holds only what the run's signature needs: a kernel of a signature that
+never stores, restores or releases builds none of those ops, and carries
+as loop variables only the fields it changes (`_kernel_fields`). The
+switch between kernels runs once per run (a run of HSM at 5% of an LSTM's
+BPTT holds about 13 instructions; `store_all`'s program is three runs).
+Counters stay measured: each kernel adds its own increments, and peaks are
+taken only where a store can raise them. The forward loop likewise skips
+the early-release bookkeeping when the sweep releases nothing: its live
+counts then never decrease, and their final values are its peaks. Inputs
+are read with one gather per step (`x[:, j]` in place, no time-major
+copy), and a freed slot is written only after the read of its state, so
+that the write need not copy the buffer's list. The graph depends on which
+signatures a program has, never on t. When t is unknown while tracing, the
+program is fetched at run time (`tf.numpy_function`) and runs through one
+kernel per opcode whose restores, releases and stores are decided per
+instruction (with `tf.where` and the scratch slots), so one trace serves
+every length.
 
 Known limitations:
 
@@ -62,10 +65,9 @@ Known limitations:
   compile; give the layer a static sequence length under `jit_compile=True`.
 * Under XLA, internal-state buffers cost about twice their size (measured in
   `benchmarks/results/memory_time_xla.json`).
-* A program that mixes opcodes (MSM, or HSM below a 100% budget) still pays
-  one `tf.switch_case` per instruction, untaken branches included (MSM at
-  5% of an LSTM's BPTT: about 110 runs of one instruction kind, which
-  per-run loops could serve without a switch per step).
+* Each distinct signature of a static program is one kernel in the graph
+  (up to about 14 for MSM), so tracing takes longer for mixed programs;
+  a run of one instruction still pays the outer loop's switch.
 * Beyond the stored states, a backward pass keeps the variable-gradient
   accumulators (one copy of the weights) and the gradients of up to two
   backward steps waiting to be added (the loop overlaps a step's weight
@@ -86,8 +88,6 @@ from keras_bptt.execution import program as program_lib
 
 _COUNTER_DTYPE = tf.int64
 
-# How often a kind of work occurs among a loop's instructions (`_Traits`).
-NEVER, SOMETIMES, ALWAYS = 0, 1, 2
 
 
 def program_tensors(program):
@@ -225,85 +225,11 @@ class _BackwardCarry(typing.NamedTuple):
 
 
 class _LoopState(typing.NamedTuple):
-    """A gradient loop's variables: the next row, the carry's changing part."""
+    """A loop's variables: the next run (or instruction), the carry's
+    changing part (`_prune`)."""
 
     index: tf.Tensor
     carry: _BackwardCarry
-
-
-class _Effect(typing.NamedTuple):
-    """What one compute branch changes (the `tf.switch_case` outputs)."""
-
-    register: list
-    d_register: list
-    ibufs: list
-    dx: tf.TensorArray
-    dvars: list
-    work: _Work
-    live_internal: tf.Tensor
-    tokens: _Tokens
-
-
-def _how_often(flags):
-    flags = np.asarray(flags, dtype=bool)
-    if not flags.any():
-        return NEVER
-    return ALWAYS if flags.all() else SOMETIMES
-
-
-class _Traits(typing.NamedTuple):
-    """What a run of instructions needs, decided while tracing.
-
-    `opcodes` are the switch's branches (in order: a static program's opcode
-    column is rewritten to branch indices); the other fields say how often
-    (`NEVER`, `SOMETIMES`, `ALWAYS`) an instruction restores a hidden or an
-    internal state, stores a hidden state, or backpropagates step t (which
-    receives the output's cotangent); `release_writes` is how many freed
-    slots an instruction clears, `exact_releases` whether every instruction
-    releases that many.
-    """
-
-    opcodes: tuple
-    restores_hidden: int
-    restores_internal: int
-    release_writes: int
-    exact_releases: bool
-    stores: int
-    backprops_last: int
-
-    @classmethod
-    def of_rows(cls, rows, scratch_slot, length):
-        column = program_lib.COLUMN
-        opcodes, steps = rows[:, column.opcode], rows[:, column.step]
-        releases = rows[:, column.releases]
-        backward = np.isin(
-            opcodes, (program_lib.EXEC_BACKWARD, program_lib.EXEC_BACKWARD_INTERNAL)
-        )
-        return cls(
-            opcodes=tuple(sorted(set(opcodes.tolist()))),
-            restores_hidden=_how_often(rows[:, column.restore_slot] >= 0),
-            restores_internal=_how_often(
-                rows[:, column.restore_internal_slot] >= 0),
-            release_writes=int(releases.max(initial=0)),
-            exact_releases=bool(np.all(releases == releases.max(initial=0))),
-            stores=_how_often(rows[:, column.store_slot] != scratch_slot),
-            backprops_last=_how_often(backward & (steps == length)),
-        )
-
-    @classmethod
-    def unknown(cls, with_internal):
-        """A run-time program: anything may happen (two releases cleared)."""
-        opcodes = tuple(range(5 if with_internal else 3))
-        internal = SOMETIMES if with_internal else NEVER
-        return cls(opcodes, SOMETIMES, internal, 2, False, SOMETIMES, SOMETIMES)
-
-    @property
-    def counts_may_grow(self):
-        """Whether a store happens, so that peaks must be taken."""
-        return (
-            self.stores != NEVER
-            or program_lib.EXEC_FORWARD_STORE_INTERNAL in self.opcodes
-        )
 
 
 def _nbytes(tensors):
@@ -395,47 +321,69 @@ def _take_peaks(counts, hidden_bytes, internal_bytes):
     )
 
 
-def _loop_part(carry, traits):
-    """`carry` with the fields a loop of `traits` leaves alone set to ()."""
-    grows = traits.counts_may_grow
-    internal_ops = bool(
-        {program_lib.EXEC_FORWARD_STORE_INTERNAL,
-         program_lib.EXEC_BACKWARD_INTERNAL} & set(traits.opcodes)
+_OPCODES_WITH_BACKWARD = (
+    program_lib.EXEC_BACKWARD, program_lib.EXEC_BACKWARD_INTERNAL)
+_OPCODES_WITH_INTERNAL = (
+    program_lib.EXEC_FORWARD_STORE_INTERNAL, program_lib.EXEC_BACKWARD_INTERNAL)
+# Hidden slots a run-time program's instruction may release (its
+# signature's `releases` is None): the plans never drop more at once.
+_RUN_TIME_RELEASES = 2
+
+
+def _grows(signature):
+    """Whether an instruction may raise the live counts (peaks taken)."""
+    return (
+        signature.stores is not False
+        or signature.opcode == program_lib.EXEC_FORWARD_STORE_INTERNAL
     )
-    changes = _Counts(
-        live=grows or traits.release_writes > 0 or traits.stores != NEVER,
-        live_internal=grows or internal_ops,
-        peak=grows,
-        peak_internal=grows,
-        peak_bytes=grows,
-    )
-    counts = _Counts(
-        *[value if changed else () for value, changed in zip(carry.counts, changes)]
-    )
-    uses_bufs = (
-        traits.restores_hidden != NEVER
-        or traits.release_writes > 0
-        or traits.stores != NEVER
-    )
-    uses_ibufs = internal_ops or traits.restores_internal != NEVER
+
+
+def _kernel_fields(signature):
+    """The `_BackwardCarry` fields a kernel of `signature` changes.
+
+    A signature's field is `True`/`False` (an int for `releases`) when every
+    instruction of its runs agrees, `None` when each decides at run time.
+    """
+    fields = {"register", "work"}
+    if signature.releases != 0 or signature.stores is not False:
+        fields |= {"bufs", "counts"}
+    if signature.opcode in _OPCODES_WITH_INTERNAL:
+        fields |= {"ibufs", "counts"}
+    if signature.opcode in _OPCODES_WITH_BACKWARD:
+        fields |= {"d_register", "dx", "dvars", "tokens"}
+    return fields
+
+
+def _used_columns(signature):
+    """The `Instruction` columns a kernel of `signature` reads per step."""
+    used = {"step"}
+    if signature.restores_hidden is not False:
+        used.add("restore_slot")
+    if signature.restores_internal is not False:
+        used.add("restore_internal_slot")
+    if signature.stores is not False:
+        used.add("store_slot")
+    if signature.opcode in _OPCODES_WITH_INTERNAL:
+        used.add("internal_slot")
+    return used
+
+
+def _prune(carry, fields):
+    """`carry` with the fields outside `fields` set to () (not loop vars)."""
     return carry._replace(
-        counts=counts,
-        bufs=carry.bufs if uses_bufs else (),
-        ibufs=carry.ibufs if uses_ibufs else (),
-    )
+        **{name: () for name in carry._fields if name not in fields})
 
 
 def _rejoin(part, carry):
-    """`part` (from `_loop_part`) with its () fields taken from `carry`."""
+    """`part` (from `_prune`) with its () fields taken from `carry`."""
 
     def pick(value, unchanged):
         return unchanged if isinstance(value, tuple) and not value else value
 
-    return part._replace(
-        counts=_Counts(*[pick(p, c) for p, c in zip(part.counts, carry.counts)]),
-        bufs=pick(part.bufs, carry.bufs),
-        ibufs=pick(part.ibufs, carry.ibufs),
-    )
+    return part._replace(**{
+        name: pick(getattr(part, name), getattr(carry, name))
+        for name in part._fields
+    })
 
 
 class _StaticProgram:
@@ -467,32 +415,26 @@ class _StaticProgram:
         )
         return bool(
             np.any(values.forward_internal != values.internal_slots)
-            or np.any(np.isin(values.instructions[:, program_lib.COLUMN.opcode], internal))
+            or np.any(np.isin(
+                values.runs[:, 1 + program_lib.COLUMN.opcode], internal))
         )
 
-    def schedule(self):
-        """`(rows, traits, looped)` runs of the gradient function, in order.
-
-        The first instruction and a trailing `EXEC_NOP` run once, outside
-        the loop, so that the loop's traits need not cover them. A loop's
-        opcode column holds branch indices (`_Traits.opcodes`).
-        """
-        rows = self.values.instructions
-        length = len(self.values.forward_store)
-        scratch_slot = int(self.values.hidden_slots)
-        opcode = program_lib.COLUMN.opcode
-        tail = 1 if len(rows) > 1 and rows[-1, opcode] == program_lib.EXEC_NOP else 0
-        parts = [(rows[:1], False), (rows[1 : len(rows) - tail], True),
-                 (rows[len(rows) - tail :], False)]
-        schedule = []
-        for part, looped in parts:
-            if not len(part):
-                continue
-            traits = _Traits.of_rows(part, scratch_slot, length)
-            part = part.copy()
-            part[:, opcode] = np.searchsorted(traits.opcodes, part[:, opcode])
-            schedule.append((part, traits, looped))
-        return schedule
+    def kernels(self):
+        """`(signatures, branches)`: the distinct run signatures, in order,
+        and the index into them of each run's (`run_program`)."""
+        values = self.values
+        runs = values.runs
+        length = len(values.forward_store)
+        scratch_slot = int(values.hidden_slots)
+        width = program_lib.INSTRUCTION_WIDTH
+        of_run = [
+            program_lib.signature_of(run[1 : 1 + width], scratch_slot, length)
+            for run in runs
+        ]
+        signatures = sorted(set(of_run))
+        index = {signature: i for i, signature in enumerate(signatures)}
+        branches = np.array([index[s] for s in of_run], dtype=np.int32)
+        return signatures, branches
 
 
 class _Recurrence:
@@ -627,23 +569,21 @@ class _Recurrence:
 
     # -- gradient: step evaluations ----------------------------------------
 
-    def output_cotangent(self, step, traits):
+    def output_cotangent(self, step, signature):
         """The cotangent of step `step`'s output (None: zero)."""
         if self.return_sequences:
             return tf.gather(self.d_outputs, step - 1, axis=1)
-        if traits.backprops_last == NEVER:
-            return None
-        if traits.backprops_last == ALWAYS:
-            return self.d_outputs
-        is_last = tf.cast(tf.equal(step, self.length), self.d_outputs.dtype)
-        return self.d_outputs * is_last
+        if signature.backprops_last is None:
+            is_last = tf.cast(tf.equal(step, self.length), self.d_outputs.dtype)
+            return self.d_outputs * is_last
+        return self.d_outputs if signature.backprops_last else None
 
     def recompute(self, step, register):
         # The plain step: a recomputation keeps no internal state.
         x_t, mask_t = self.inputs_at(step - 1)
         return self.step_fn(x_t, mask_t, register)[1]
 
-    def backward(self, step, register, d_register, traits):
+    def backward(self, step, register, d_register, signature):
         """`(dx, d_states, d_variables)` of a step, under a tape."""
         x_t, mask_t = self.inputs_at(step - 1)
         x_sources = [x_t] if self.input_gradient else []
@@ -652,7 +592,7 @@ class _Recurrence:
             tape.watch(sources)
             output, new_states = self.step_fn(x_t, mask_t, register)
         targets, cotangents = list(new_states), list(d_register)
-        d_output = self.output_cotangent(step, traits)
+        d_output = self.output_cotangent(step, signature)
         if d_output is not None:
             targets, cotangents = [output] + targets, [d_output] + cotangents
         grads = tape.gradient(
@@ -667,9 +607,9 @@ class _Recurrence:
         gx = source_grads.pop(0) if self.input_gradient else None
         return gx, source_grads, grads[len(sources) :]
 
-    def backward_from_internal(self, step, internal, d_register, traits):
+    def backward_from_internal(self, step, internal, d_register, signature):
         _, mask_t = self.inputs_at(step - 1)
-        d_output = self.output_cotangent(step, traits)
+        d_output = self.output_cotangent(step, signature)
         if d_output is None and mask_t is not None:
             d_output = tf.zeros_like(self.d_outputs)  # masking selects on it
         gx, g_states, g_internal_vars = self.internal_step.backward(
@@ -686,18 +626,18 @@ class _Recurrence:
         ]
         return gx, list(g_states), g_vars
 
-    def accumulate(self, effect, step, gradients):
+    def accumulate(self, carry, step, gradients):
         """Adds a backward step's gradients; its state gradients go on."""
         gx, g_states, g_vars = gradients
-        dx = effect.dx
+        dx = carry.dx
         if self.input_gradient:
             dx = dx.write(self.time_index(step - 1), gx)
-        dvars = [a if g is None else a + g for a, g in zip(effect.dvars, g_vars)]
+        dvars = [a if g is None else a + g for a, g in zip(carry.dvars, g_vars)]
         with tf.control_dependencies(dvars):
             added = tf.constant(0, _COUNTER_DTYPE)  # holds no reference
-        return effect._replace(
+        return carry._replace(
             d_register=list(g_states), dx=dx, dvars=dvars,
-            tokens=_Tokens(effect.tokens.last, added),
+            tokens=_Tokens(carry.tokens.last, added),
         )
 
     @staticmethod
@@ -712,16 +652,17 @@ class _Recurrence:
 
     # -- gradient: one instruction -----------------------------------------
 
-    def restored_register(self, ins, carry, traits):
+    def restored_register(self, ins, carry, signature):
+        """The register after the instruction's restore, if it has one."""
         register = carry.register
-        if traits.restores_hidden == ALWAYS:
+        if signature.restores_hidden:
             register = _read_slot(carry.bufs, ins.restore_slot, register)
-        elif traits.restores_hidden == SOMETIMES:
+        elif signature.restores_hidden is None:
             register = _restore(carry.bufs, ins.restore_slot, register)
-        if traits.restores_internal == ALWAYS:
+        if signature.restores_internal:
             internal = _read_slot(carry.ibufs, ins.restore_internal_slot, self.internal0)
             register = list(self.internal_step.restore(internal))
-        elif traits.restores_internal == SOMETIMES:
+        elif signature.restores_internal is None:
             register = tf.cond(
                 ins.restore_internal_slot >= 0,
                 lambda: list(self.internal_step.restore(_read_slot(
@@ -732,131 +673,153 @@ class _Recurrence:
             )
         return register
 
-    def release(self, ins, carry, traits):
+    def release(self, ins, carry, signature):
         """Clears the top `releases` live hidden slots (LIFO) and counts them."""
-        if traits.release_writes == 0:
+        if signature.releases == 0:
             return carry
+        exact = signature.releases is not None
+        writes = signature.releases if exact else _RUN_TIME_RELEASES
         bufs, live = carry.bufs, carry.counts.live
         top = tf.cast(live, tf.int32) - 1
         # Written after the restore's read, which the write would else copy.
         with tf.control_dependencies(carry.register):
-            for j in range(traits.release_writes):
+            for j in range(writes):
                 freed = top - j
-                if not traits.exact_releases:
+                if not exact:
                     freed = tf.where(ins.releases > j, freed, self.scratch_slot)
                 bufs = _write_slot(bufs, freed, self.hidden_filler)
-        released = (
-            traits.release_writes if traits.exact_releases
-            else _count(ins.releases)
-        )
+        released = writes if exact else _count(ins.releases)
         return carry._replace(
             bufs=bufs, counts=carry.counts._replace(live=live - released)
         )
 
-    def branches(self, ins, carry, traits):
-        """The compute branches of `traits.opcodes`, as `_Effect`s."""
-        step, work = ins.step, carry.work
-        effect = _Effect(
-            register=carry.register, d_register=carry.d_register,
-            ibufs=carry.ibufs, dx=carry.dx, dvars=carry.dvars, work=work,
-            live_internal=carry.counts.live_internal, tokens=carry.tokens,
-        )
-        recomputed = work._replace(recomputed=work.recomputed + 1)
-        backwards = work._replace(backwards=work.backwards + 1)
-
-        def forward():
-            register = self.recompute(step, carry.register)
-            return effect._replace(register=register, work=recomputed)
-
-        def backward():
+    def compute(self, ins, carry, signature):
+        """The instruction's step evaluation (its opcode), on `carry`."""
+        step, work, opcode = ins.step, carry.work, signature.opcode
+        if opcode == program_lib.EXEC_NOP:
+            return carry
+        if opcode == program_lib.EXEC_FORWARD:
+            return carry._replace(
+                register=self.recompute(step, carry.register),
+                work=work._replace(recomputed=work.recomputed + 1),
+            )
+        if opcode == program_lib.EXEC_BACKWARD:
             gradients = self.after_previous_accumulation(
                 carry.tokens,
-                lambda: self.backward(step, carry.register, carry.d_register, traits),
+                lambda: self.backward(
+                    step, carry.register, carry.d_register, signature),
             )
-            both = recomputed._replace(backwards=work.backwards + 1)
-            return self.accumulate(effect, step, gradients)._replace(work=both)
-
-        def forward_store_internal():
+            return self.accumulate(carry, step, gradients)._replace(
+                work=_Work(work.recomputed + 1, work.backwards + 1)
+            )
+        counts = carry.counts
+        if opcode == program_lib.EXEC_FORWARD_STORE_INTERNAL:
             _, register, internal = self.step_at(step - 1, carry.register)
-            return effect._replace(
+            return carry._replace(
                 register=register,
                 ibufs=_write_slot(carry.ibufs, ins.internal_slot, internal),
-                work=recomputed, live_internal=effect.live_internal + 1,
+                work=work._replace(recomputed=work.recomputed + 1),
+                counts=counts._replace(live_internal=counts.live_internal + 1),
             )
+        # EXEC_BACKWARD_INTERNAL
+        internal = _read_slot(carry.ibufs, ins.internal_slot, self.internal0)
+        gradients = self.after_previous_accumulation(
+            carry.tokens,
+            lambda: self.backward_from_internal(
+                step, internal, carry.d_register, signature),
+        )
+        # BACKWARD_INTERNAL frees the slot: free its state too (after the
+        # read, which the write would else copy).
+        with tf.control_dependencies(internal):
+            freed = _write_slot(carry.ibufs, ins.internal_slot, self.internal_filler)
+        return self.accumulate(carry, step, gradients)._replace(
+            ibufs=freed,
+            work=work._replace(backwards=work.backwards + 1),
+            counts=counts._replace(live_internal=counts.live_internal - 1),
+        )
 
-        def backward_internal():
-            internal = _read_slot(carry.ibufs, ins.internal_slot, self.internal0)
-            gradients = self.after_previous_accumulation(
-                carry.tokens,
-                lambda: self.backward_from_internal(
-                    step, internal, carry.d_register, traits
-                ),
-            )
-            # BACKWARD_INTERNAL frees the slot: free its state too (after the
-            # read, which the write would else copy).
-            with tf.control_dependencies(internal):
-                freed = _write_slot(carry.ibufs, ins.internal_slot,
-                                    self.internal_filler)
-            return self.accumulate(effect, step, gradients)._replace(
-                ibufs=freed, work=backwards,
-                live_internal=effect.live_internal - 1,
-            )
-
-        table = {
-            program_lib.EXEC_NOP: lambda: effect,
-            program_lib.EXEC_FORWARD: forward,
-            program_lib.EXEC_BACKWARD: backward,
-            program_lib.EXEC_FORWARD_STORE_INTERNAL: forward_store_internal,
-            program_lib.EXEC_BACKWARD_INTERNAL: backward_internal,
-        }
-        return [table[opcode] for opcode in traits.opcodes]
-
-    def execute(self, ins, carry, traits):
+    def execute(self, ins, carry, signature):
         """One instruction: restore, release, compute, store, count."""
-        carry = carry._replace(register=self.restored_register(ins, carry, traits))
-        carry = self.release(ins, carry, traits)
-        branches = self.branches(ins, carry, traits)
-        if len(branches) == 1:
-            effect = branches[0]()
-        else:
-            effect = tf.switch_case(ins.opcode, branch_fns=branches)
-        bufs = carry.bufs
-        counts = carry.counts._replace(live_internal=effect.live_internal)
-        if traits.stores != NEVER:
-            bufs = _write_slot(bufs, ins.store_slot, effect.register)
+        carry = carry._replace(
+            register=self.restored_register(ins, carry, signature))
+        carry = self.release(ins, carry, signature)
+        carry = self.compute(ins, carry, signature)
+        bufs, counts = carry.bufs, carry.counts
+        if signature.stores is not False:
+            bufs = _write_slot(bufs, ins.store_slot, carry.register)
             stored = (
-                1 if traits.stores == ALWAYS
+                1 if signature.stores
                 else _count(ins.store_slot != self.scratch_slot)
             )
             counts = counts._replace(live=counts.live + stored)
-        if traits.counts_may_grow:
+        if _grows(signature):
             counts = _take_peaks(counts, self.hidden_bytes, self.internal_bytes)
-        return _BackwardCarry(
-            register=effect.register, d_register=effect.d_register, bufs=bufs,
-            ibufs=effect.ibufs, dx=effect.dx, dvars=effect.dvars,
-            counts=counts, work=effect.work, tokens=effect.tokens,
-        )
+        return carry._replace(bufs=bufs, counts=counts)
 
-    def run_loop(self, rows, carry, traits):
-        """`execute` over every row of `rows`, in one `tf.while_loop`.
+    # -- gradient: runs ------------------------------------------------------
 
-        Only what the loop changes is a loop variable (`_loop_part`): each
-        costs a few ops per iteration.
+    def run_kernel(self, run, carry, signature):
+        """The run's `count` instructions, in one inner `tf.while_loop`.
+
+        Instruction j is `first + j * delta`; only the columns the
+        signature reads are computed, and only the carry fields it changes
+        are loop variables (`_kernel_fields`).
         """
-        rows = tf.convert_to_tensor(rows)
-        count = tf.shape(rows)[0]
+        fields = _kernel_fields(signature)
+        used = _used_columns(signature)
+
+        def instruction(j):
+            return program_lib.Instruction(*[
+                first + j * delta if name in used else first
+                for name, first, delta in zip(
+                    program_lib.Instruction._fields, run.first, run.delta)
+            ])
 
         def body(state):
-            row = tf.gather(rows, state.index)
-            ins = program_lib.Instruction(
-                *tf.unstack(row, num=program_lib.INSTRUCTION_WIDTH)
+            carry_j = self.execute(
+                instruction(state.index), _rejoin(state.carry, carry),
+                signature,
             )
-            return (_LoopState(state.index + 1,
-                               self.execute(ins, state.carry, traits)),)
+            return (_LoopState(state.index + 1, _prune(carry_j, fields)),)
 
         (state,) = tf.while_loop(
-            lambda state: state.index < count, body,
-            (_LoopState(tf.constant(0), _loop_part(carry, traits)),),
+            lambda state: state.index < run.count, body,
+            (_LoopState(tf.constant(0), _prune(carry, fields)),),
+        )
+        return _rejoin(state.carry, carry)
+
+    def run_program(self, runs, branches, signatures, carry):
+        """Every run of `runs`, in an outer `tf.while_loop`.
+
+        Run r executes the kernel of `signatures[branches[r]]` (a
+        `tf.switch_case` per run, none for a single signature).
+        """
+        fields = set().union(*(_kernel_fields(s) for s in signatures))
+        width = program_lib.INSTRUCTION_WIDTH
+
+        def body(state):
+            values = tf.unstack(
+                tf.gather(runs, state.index), num=program_lib.RUN_WIDTH)
+            run = program_lib.Run(
+                count=values[0],
+                first=program_lib.Instruction(*values[1 : 1 + width]),
+                delta=program_lib.Instruction(*values[1 + width :]),
+            )
+            carry_r = _rejoin(state.carry, carry)
+            kernels = [
+                lambda s=s: _prune(self.run_kernel(run, carry_r, s), fields)
+                for s in signatures
+            ]
+            if len(kernels) == 1:
+                part = kernels[0]()
+            else:
+                part = tf.switch_case(
+                    tf.gather(branches, state.index), branch_fns=kernels)
+            return (_LoopState(state.index + 1, part),)
+
+        (state,) = tf.while_loop(
+            lambda state: state.index < tf.shape(runs)[0], body,
+            (_LoopState(tf.constant(0), _prune(carry, fields)),),
         )
         return _rejoin(state.carry, carry)
 
@@ -902,16 +865,22 @@ class _Recurrence:
         self.d_outputs = _zeros_like_or(d_outputs, self.outputs)
         carry = self.initial_backward_carry(d_final_states)
         if self.static is None:
-            traits = _Traits.unknown(self.uses_internal)
-            return self.run_loop(self.program.instructions, carry, traits)
-        for rows, traits, looped in self.static.schedule():
-            if looped:
-                carry = self.run_loop(rows, carry, traits)
-            else:
-                for row in rows:
-                    ins = program_lib.Instruction(*[tf.constant(v) for v in row])
-                    carry = self.execute(ins, carry, traits)
-        return carry
+            # A run-time program: one kernel per opcode, its restores,
+            # releases, stores and last-step test decided per instruction.
+            opcodes = 5 if self.uses_internal else 3
+            internal = None if self.uses_internal else False
+            signatures = [
+                program_lib.Signature(op, None, internal, None, None, None)
+                for op in range(opcodes)
+            ]
+            runs = self.program.runs
+            branches = runs[:, 1 + program_lib.COLUMN.opcode]
+            return self.run_program(runs, branches, signatures, carry)
+        signatures, branches = self.static.kernels()
+        return self.run_program(
+            tf.constant(self.static.values.runs), tf.constant(branches),
+            signatures, carry,
+        )
 
 
 def _report_gradients(run, carry, on_backward):

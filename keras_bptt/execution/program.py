@@ -35,6 +35,17 @@ one per plan op, and lets it run without branches for hidden stores and
 restores: each buffer has one extra *scratch* slot that absorbs the writes
 of instructions that store nothing.
 
+Runs. The executor does not read instructions one by one: `Program.runs`
+encodes them as arithmetic progressions of one `Signature` (opcode, whether
+each restores a hidden or an internal state, how many slots it releases,
+whether it stores, whether it is step t's backward): run `(count, first,
+delta)` stands for the instructions `first + j * delta`, j = 0..count-1
+(`runs_of`, `instructions_of`). A recomputation from a restored state to
+the next store is one run (advance k steps keeping nothing), so is a
+stretch of internal-state forwards or backwards with consecutive slots, or
+`store_all`'s backward over all its stored internal states. The executor
+builds one kernel per signature and switches once per run, not per step.
+
 Known limitation: the forward pass cannot leave the transient internal state
 of step t to the gradient function, so the executor keeps `h_{t-1}` beside the
 plan's slots and evaluates step t once more: a hidden-state executor runs
@@ -95,6 +106,109 @@ class Instruction(typing.NamedTuple):
 COLUMN = Instruction(*range(len(Instruction._fields)))
 INSTRUCTION_WIDTH = len(COLUMN)
 
+
+class Run(typing.NamedTuple):
+    """The columns of one row of `Program.runs` (module docstring, "Runs").
+
+    A run is an arithmetic progression of `count` instructions of one
+    signature (`signature_of`): its j-th instruction (j = 0..count-1) is
+    `first + j * delta`, column by column.
+
+    Attributes:
+        count: How many instructions the run holds (at least one).
+        first: The first instruction's columns (`Instruction`).
+        delta: What each next instruction adds to them (`Instruction`;
+            zero for `opcode` and `releases`).
+    """
+
+    count: typing.Any
+    first: typing.Any
+    delta: typing.Any
+
+
+RUN_WIDTH = 1 + 2 * INSTRUCTION_WIDTH
+
+
+class Signature(typing.NamedTuple):
+    """What every instruction of a run does, apart from its slots and step.
+
+    Equal for all instructions of a run; the executor builds one kernel per
+    signature a program holds.
+
+    Attributes:
+        opcode: The `EXEC_*` opcode.
+        restores_hidden: Whether it restores the register from a hidden slot.
+        restores_internal: Whether it restores it from an internal slot.
+        releases: How many hidden slots it drops.
+        stores: Whether it stores the register in a hidden slot.
+        backprops_last: Whether it backpropagates step t (which alone
+            receives the output's cotangent under `return_sequences=False`).
+    """
+
+    opcode: int
+    restores_hidden: bool
+    restores_internal: bool
+    releases: int
+    stores: bool
+    backprops_last: bool
+
+
+def signature_of(row, scratch_slot, length):
+    """The `Signature` of one instruction row (NumPy integers)."""
+    opcode = int(row[COLUMN.opcode])
+    backward = opcode in (EXEC_BACKWARD, EXEC_BACKWARD_INTERNAL)
+    return Signature(
+        opcode=opcode,
+        restores_hidden=bool(row[COLUMN.restore_slot] >= 0),
+        restores_internal=bool(row[COLUMN.restore_internal_slot] >= 0),
+        releases=int(row[COLUMN.releases]),
+        stores=bool(row[COLUMN.store_slot] != scratch_slot),
+        backprops_last=bool(backward and row[COLUMN.step] == length),
+    )
+
+
+def runs_of(instructions, scratch_slot, length):
+    """Run-length encodes instruction rows into `Program.runs`.
+
+    Greedy, left to right: a run grows while the next row has the run's
+    signature and continues its progression (the second row fixes the
+    delta). Decoding (`first + j * delta`) gives back `instructions`
+    exactly.
+
+    Returns:
+        `int32[n, RUN_WIDTH]`: rows of `(count, *first, *delta)`.
+    """
+    rows = np.asarray(instructions, dtype=np.int64)
+    signatures = [signature_of(row, scratch_slot, length) for row in rows]
+    runs = []
+    start = 0
+    while start < len(rows):
+        end = start + 1
+        delta = np.zeros(INSTRUCTION_WIDTH, dtype=np.int64)
+        if end < len(rows) and signatures[end] == signatures[start]:
+            delta = rows[end] - rows[start]
+            while (
+                end < len(rows)
+                and signatures[end] == signatures[start]
+                and np.array_equal(rows[end] - rows[end - 1], delta)
+            ):
+                end += 1
+        runs.append(np.concatenate([[end - start], rows[start], delta]))
+        start = end
+    return np.asarray(runs, dtype=np.int32).reshape(-1, RUN_WIDTH)
+
+
+def instructions_of(runs):
+    """The instruction rows a `Program.runs` array encodes (`runs_of`)."""
+    runs = np.asarray(runs, dtype=np.int64)
+    rows = [
+        run[1 : 1 + INSTRUCTION_WIDTH]
+        + j * run[1 + INSTRUCTION_WIDTH :]
+        for run in runs
+        for j in range(int(run[0]))
+    ]
+    return np.asarray(rows, dtype=np.int32).reshape(-1, INSTRUCTION_WIDTH)
+
 _EXEC_OPCODES = {
     plan_lib.FORWARD: EXEC_FORWARD,
     plan_lib.BACKWARD: EXEC_BACKWARD,
@@ -117,6 +231,8 @@ class Program:
             after `h_i` is stored and before step `i + 1`; `h_i` is one of
             them when it is stored (module docstring).
         instructions: `int32[n, 7]` rows of the gradient loop (module doc).
+        runs: `int32[r, RUN_WIDTH]`, the same rows as runs (`runs_of`):
+            what the executor reads.
         hidden_slots: Hidden slots the plan stores at once.
         internal_slots: Internal slots the plan stores at once.
         scratch_slot: Index of the extra hidden buffer entry absorbing
@@ -143,6 +259,10 @@ class Program:
     peak_stored_units: float
     plan_cost: int = 0
     budget_slots: float = 0.0
+
+    @functools.cached_property
+    def runs(self):
+        return runs_of(self.instructions, self.scratch_slot, self.length)
 
     def values(self):
         """The `PROGRAM_FIELDS`, as NumPy values of their dtypes.
@@ -211,7 +331,7 @@ PROGRAM_FIELDS = (
     ProgramField("forward_store", np.int32, (None,), True),
     ProgramField("forward_internal", np.int32, (None,), True),
     ProgramField("forward_release", np.int32, (None,), True),
-    ProgramField("instructions", np.int32, (None, INSTRUCTION_WIDTH), True),
+    ProgramField("runs", np.int32, (None, RUN_WIDTH), True),
     ProgramField("hidden_slots", np.int32, (), True),
     ProgramField("internal_slots", np.int32, (), True),
     # One count per `keras_bptt.execution.stats.COUNTERS` entry.
