@@ -20,6 +20,9 @@ Writes `benchmarks/results/executor_overhead.json` and `.png`.
 
     python benchmarks/executor_overhead.py            # both sizes
     python benchmarks/executor_overhead.py --sizes small --rounds 5
+    python benchmarks/executor_overhead.py --before old.json  # beside an
+        # earlier run's JSON (e.g. another commit): ratios side by side,
+        # hollow markers and arrows in the plot
 
 Run it alone on the machine: helpers or tests beside it skew the ratios.
 """
@@ -133,25 +136,37 @@ def _memory(units, batch, length, features, name):
     return result["step_peak_bytes"]
 
 
-def _plot(results, path):
+def _plot(results, path, before=None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = plt.subplots(
+        1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     markers = dict(zip(CONFIGS, "o^sDvP"))
     for column, (size, rows) in enumerate(results.items()):
-        ax = axes[column] if len(results) > 1 else axes
+        ax = axes[0][column]
         for name, row in rows.items():
-            ax.scatter(row["memory_ratio"], row["time_ratio"],
-                       marker=markers[name], s=60, label=name)
+            dots = ax.scatter(row["memory_ratio"], row["time_ratio"],
+                              marker=markers[name], s=60, label=name)
+            old = (before or {}).get(size, {}).get(name)
+            if old is not None:
+                colour = dots.get_facecolor()[0]
+                ax.scatter(old["memory_ratio"], old["time_ratio"],
+                           marker=markers[name], s=60, facecolors="none",
+                           edgecolors=colour)
+                ax.annotate(
+                    "", (row["memory_ratio"], row["time_ratio"]),
+                    (old["memory_ratio"], old["time_ratio"]),
+                    arrowprops=dict(arrowstyle="->", color=colour, lw=0.8))
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("step peak memory / keras.layers.RNN")
         ax.set_ylabel("step time / keras.layers.RNN")
         units, batch = SIZES[size]
-        ax.set_title(f"LSTMCell({units}), batch {batch}, t=1000")
+        ax.set_title(f"LSTMCell({units}), batch {batch}, t=1000"
+                     + (" (hollow: before)" if before else ""))
         ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -167,7 +182,11 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--output", default=str(RESULTS / "executor_overhead"),
                         help="path of the JSON and PNG, without suffix")
+    parser.add_argument("--before", default=None,
+                        help="an earlier run's JSON, compared side by side")
     args = parser.parse_args(argv)
+    before = (json.loads(pathlib.Path(args.before).read_text())["results"]
+              if args.before else None)
     names = ["rnn"] + [n for n in args.configs if n != "rnn"]
     results = {}
     for size in args.sizes:
@@ -204,15 +223,27 @@ def main(argv=None):
                   f"{row.get('plan_cost', ''):>10}"
                   f"{counters.get('measured/recomputed_steps', ''):>11}"
                   f"{counters.get('planned/recomputed_steps', ''):>9}")
+        if before and size in before:
+            print(f"\nbefore ({args.before}) and now, ratios to keras.layers.RNN")
+            print(f"{'config':<16}{'time before':>12}{'now':>7}"
+                  f"{'memory before':>15}{'now':>7}")
+            for name, row in rows.items():
+                old = before[size].get(name)
+                if old is None or name == "rnn":
+                    continue
+                print(f"{name:<16}{old['time_ratio']:>12.2f}"
+                      f"{row['time_ratio']:>7.2f}{old['memory_ratio']:>15.3f}"
+                      f"{row['memory_ratio']:>7.3f}")
     output = pathlib.Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     machine = (f"{platform.system()} {platform.machine()}, "
                f"{os.cpu_count()} CPUs")
     output.with_suffix(".json").write_text(json.dumps(
-        {"machine": machine, "config": vars(args), "results": results},
+        {"machine": machine, "config": vars(args), "results": results,
+         "before": before},
         indent=2,
     ))
-    _plot(results, output.with_suffix(".png"))
+    _plot(results, output.with_suffix(".png"), before)
     print(f"\nmachine: {machine}; wrote {output.with_suffix('.json')} and .png")
 
 

@@ -38,6 +38,23 @@ def test_record_says_whether_a_tape_could_record_and_watches_a_tensor():
         assert record.should_record_backprop([x])
 
 
+
+def test_graph_or_parents_in_xla_context_tells_jit_compiled_functions():
+    # keras_bptt/execution/interpreter.py (_in_xla): XLA runs the general
+    # kernels, whose buffers it assigns without per-kernel copies.
+    from tensorflow.python.ops import control_flow_util
+
+    seen = {}
+
+    def probe(x):
+        seen[len(seen)] = control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph())
+        return x + 1
+
+    tf.function(probe)(tf.ones([2]))
+    tf.function(probe, jit_compile=True)(tf.ones([2]))
+    assert seen == {0: False, 1: True}
+
 def test_default_graph_inside_tf_function_lists_gradient_ops_after_forward_ops():
     # keras_bptt/execution/cell_memory.py (estimate_alpha) counts the forward
     # tensors that gradient ops, created after them, read.
