@@ -17,17 +17,17 @@ The package is layered; each layer imports only the ones above it
 * `keras_bptt.monitoring` -- callbacks and plotting; `keras_bptt.cli` is the
   `keras-bptt` command line.
 
+`keras_bptt.budget` and `keras_bptt.callbacks` are the public paths of
+`keras_bptt.planning.budget` and `keras_bptt.monitoring.callbacks`.
+
 The names below are imported lazily, on first access, so that
 `import keras_bptt` stays as light as the planner.
 """
 
 import importlib
-import importlib.abc
-import importlib.util
 import sys
-import warnings
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY_ATTRIBUTES = {
     "MemoryBudgetRNN": "keras_bptt.layers.rnn",
@@ -38,32 +38,13 @@ _LAZY_ATTRIBUTES = {
     "summary": "keras_bptt.layers.model_budget",
 }
 
-# Modules that lived at the top of the package before 0.2.0. `budget` and
-# `callbacks` are public entry points and stay so; importing any other old
-# path still works but warns, naming the new one.
+# Public modules at the top of the package: each is a small module
+# (`keras_bptt/budget.py`, `keras_bptt/callbacks.py`) that re-exports the
+# public names of its home. The other top-level paths of 0.1.0 (aliases in
+# 0.2.0) are gone since 0.3.0; CHANGELOG.md lists them.
 PUBLIC_MODULES = {
     "budget": "keras_bptt.planning.budget",
     "callbacks": "keras_bptt.monitoring.callbacks",
-}
-MOVED_MODULES = {
-    "plan": "keras_bptt.planning.plan",
-    "planner": "keras_bptt.planning.planner",
-    "simulator": "keras_bptt.planning.simulator",
-    "budget_split": "keras_bptt.planning.budget_split",
-    "program": "keras_bptt.execution.program",
-    "executor": "keras_bptt.execution.interpreter",
-    "steps": "keras_bptt.execution.steps",
-    "cell_memory": "keras_bptt.execution.cell_memory",
-    "internal_states": "keras_bptt.execution.internal_states",
-    "fused": "keras_bptt.execution.fused_kernels",
-    "fused_executor": "keras_bptt.execution.fused_interpreter",
-    "execution_stats": "keras_bptt.execution.stats",
-    "layer": "keras_bptt.layers.rnn",
-    "keras_layers": "keras_bptt.layers.keras_layers",
-    "convert": "keras_bptt.layers.convert",
-    "model_budget": "keras_bptt.layers.model_budget",
-    "metrics": "keras_bptt.layers.metrics",
-    "plotting": "keras_bptt.monitoring.plotting",
 }
 
 
@@ -71,7 +52,7 @@ def __getattr__(name):
     module_name = _LAZY_ATTRIBUTES.get(name)
     if module_name is not None:
         return getattr(importlib.import_module(module_name), name)
-    if name in PUBLIC_MODULES or name in MOVED_MODULES:
+    if name in PUBLIC_MODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'keras_bptt' has no attribute {name!r}")
 
@@ -115,46 +96,3 @@ _CACHING_MODULES = (
     "keras_bptt.execution.program",
     "keras_bptt.execution.fused_kernels",
 )
-
-
-class _MovedModuleLoader(importlib.abc.Loader):
-    """Loads an old module path as the module it moved to (same object)."""
-
-    def __init__(self, target, public):
-        self._target = target
-        self._public = public
-
-    def create_module(self, spec):
-        if not self._public:
-            warnings.warn(
-                f"{spec.name} moved to {self._target} in keras_bptt 0.2.0; "
-                f"import it from there (docs/architecture.md lists every move).",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-        self._module = importlib.import_module(self._target)
-        self._spec = self._module.__spec__
-        return self._module
-
-    def exec_module(self, module):
-        # Importing under the old name re-stamped the module's spec; put its
-        # own back so that `reload`, pickling and tools see the real path.
-        module.__spec__ = self._spec
-
-
-class _MovedModuleFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        package, _, name = fullname.rpartition(".")
-        if package != __name__:
-            return None
-        if name in PUBLIC_MODULES:
-            return importlib.util.spec_from_loader(
-                fullname, _MovedModuleLoader(PUBLIC_MODULES[name], True))
-        if name in MOVED_MODULES:
-            return importlib.util.spec_from_loader(
-                fullname, _MovedModuleLoader(MOVED_MODULES[name], False))
-        return None
-
-
-if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
-    sys.meta_path.insert(0, _MovedModuleFinder())

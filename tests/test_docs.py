@@ -72,7 +72,7 @@ def _anchors(page):
 _LINK_WITH_ANCHOR = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)")
 
 
-@pytest.mark.parametrize("page", ["README.md", *sorted(
+@pytest.mark.parametrize("page", ["README.md", "CHANGELOG.md", *sorted(
     str(p.relative_to(ROOT)) for p in DOCS.glob("*.md"))])
 def test_links_images_and_anchors_resolve_inside_the_repository(page):
     page = ROOT / page
@@ -119,10 +119,33 @@ def test_docs_pages_cited_in_code_and_tests_exist():
     assert not missing
 
 
-def test_the_module_path_table_lists_every_move():
+def test_the_changelog_opens_with_this_version_and_is_linked():
     import keras_bptt
 
-    text = (DOCS / "architecture.md").read_text()
-    for old, new in {**keras_bptt.PUBLIC_MODULES, **keras_bptt.MOVED_MODULES}.items():
-        warns = "no" if old in keras_bptt.PUBLIC_MODULES else "yes"
-        assert f"| `keras_bptt.{old}` | `{new}` | {warns} |" in text, old
+    text = (ROOT / "CHANGELOG.md").read_text()
+    versions = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d\d-\d\d$", text, re.M)
+    assert versions and versions[0] == keras_bptt.__version__, versions
+    numbers = [tuple(map(int, v.split("."))) for v in versions]
+    assert numbers == sorted(numbers, reverse=True), versions
+    assert "](CHANGELOG.md)" in (ROOT / "README.md").read_text()
+    assert "](../CHANGELOG.md)" in (DOCS / "architecture.md").read_text()
+
+
+def test_the_removed_module_paths_are_listed_once_in_the_changelog():
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    removed = re.findall(r"^\s*\| `keras_bptt\.(\w+)` \|", changelog, re.M)
+    assert removed
+    names = "|".join(removed)
+    # `keras_bptt.<old>...` or `from keras_bptt import <old>`.
+    pattern = re.compile(rf"keras_bptt\.({names})(?!\w)|from keras_bptt import .*\b({names})\b")
+    files = [ROOT / "README.md", ROOT / "setup.cfg", ROOT / "pyproject.toml",
+             *_text_files(DOCS), *_text_files(ROOT / "keras_bptt"),
+             *_text_files(ROOT / "tests"), *_text_files(ROOT / "examples"),
+             *_text_files(ROOT / "benchmarks")]
+    offending = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in files
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offending, "\n".join(offending)

@@ -29,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_split_module_never_imports_tensorflow():
     code = (
         "import sys\n"
-        "from keras_bptt import budget_split as s\n"
+        "from keras_bptt.planning import budget_split as s\n"
         "p = [s.LayerProfile('a', 30, 16, 3.0), s.LayerProfile('b', 20, 8, 1.5)]\n"
         "split = s.split_budget(p, 300)\n"
         "assert split.bytes_used <= 300, split\n"

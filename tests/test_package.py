@@ -1,4 +1,4 @@
-"""The package's structure: one-way layers, old paths, caches.
+"""The package's structure: one-way layers, module paths, caches.
 
 `keras_bptt` is layered (docs/architecture.md): planning (NumPy only) →
 execution (TensorFlow) → layers (Keras) → monitoring and the CLI. A module
@@ -6,9 +6,12 @@ may import its own layer and the ones before it, never a later one.
 """
 
 import ast
+import importlib
 import pathlib
+import re
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -16,9 +19,12 @@ import pytest
 import keras_bptt
 
 PACKAGE = pathlib.Path(keras_bptt.__file__).parent
+CHANGELOG = PACKAGE.parent / "CHANGELOG.md"
 LAYERS = ("planning", "execution", "layers", "monitoring")
-# Top-level modules: the command line sits above everything.
-TOP_LEVEL = {"cli": len(LAYERS), "__main__": len(LAYERS), "__init__": len(LAYERS)}
+# Top-level modules: the command line and the public re-exporting modules
+# (`budget`, `callbacks`) sit above everything.
+TOP_LEVEL = dict.fromkeys(
+    ("cli", "__main__", "__init__", *keras_bptt.PUBLIC_MODULES), len(LAYERS))
 
 
 def _rank(dotted):
@@ -90,23 +96,54 @@ def test_planning_never_imports_tensorflow():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("old, new", sorted(keras_bptt.MOVED_MODULES.items()))
-def test_old_module_paths_import_the_moved_module_and_warn(old, new):
-    sys.modules.pop(f"keras_bptt.{old}", None)
-    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
-        module = __import__(f"keras_bptt.{old}", fromlist=["_"])
-    assert module is sys.modules[new]
-    assert module.__name__ == new and module.__spec__.name == new
+def _removed_paths():
+    """`(old, new)` rows of the table of paths removed in 0.3.0 (CHANGELOG.md)."""
+    rows = re.findall(r"^\s*\| `(keras_bptt\.\w+)` \| `(keras_bptt\.[\w.]+)` \|$",
+                      CHANGELOG.read_text(), re.M)
+    assert len(rows) == 18, rows
+    return rows
 
 
-@pytest.mark.parametrize("old, new", sorted(keras_bptt.PUBLIC_MODULES.items()))
-def test_public_module_paths_stay_without_warning(old, new):
-    sys.modules.pop(f"keras_bptt.{old}", None)
+def test_old_module_paths_are_gone_and_their_new_paths_import():
+    for old, new in _removed_paths():
+        assert old.split(".")[1] not in keras_bptt.PUBLIC_MODULES, old
+        sys.modules.pop(old, None)
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
+        assert not hasattr(keras_bptt, old.split(".")[1]), old
+        assert importlib.import_module(new).__name__ == new
+    assert not hasattr(keras_bptt, "MOVED_MODULES")
+    assert not any(type(finder).__module__ == "keras_bptt" for finder in sys.meta_path)
+
+
+@pytest.mark.parametrize("public, home", sorted(keras_bptt.PUBLIC_MODULES.items()))
+def test_public_modules_re_export_their_homes_without_warning(public, home):
+    sys.modules.pop(f"keras_bptt.{public}", None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        module = __import__(f"keras_bptt.{old}", fromlist=["_"])
-        assert getattr(keras_bptt, old) is module
-    assert module is sys.modules[new]
+        module = importlib.import_module(f"keras_bptt.{public}")
+        assert getattr(keras_bptt, public) is module
+    home_module = sys.modules[home]
+    public_names = [
+        name for name, value in vars(home_module).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        and getattr(value, "__module__", home) == home
+    ]
+    assert public_names
+    for name in public_names:
+        assert getattr(module, name) is getattr(home_module, name), name
+
+
+def test_the_public_paths_documented_in_the_readme_import():
+    import keras_bptt.budget
+    from keras_bptt.callbacks import BudgetMonitor
+
+    from keras_bptt.monitoring import callbacks
+    from keras_bptt.planning import budget
+
+    assert keras_bptt.budget.Budget is budget.Budget
+    assert keras_bptt.budget.parse_budget("25%") == budget.parse_budget("25%")
+    assert BudgetMonitor is callbacks.BudgetMonitor
 
 
 def test_unknown_attributes_still_raise():
