@@ -228,12 +228,15 @@ class _CudnnKernel(_SegmentKernel):
     cuDNN takes one flat parameter vector: every gate's input and recurrent
     weight block (transposed to `[units, in]`), then every bias block.
     `_gate_order` maps cuDNN's gate blocks to Keras' (LSTM: identity; GRU:
-    Keras z, r, h is cuDNN r, z, h).
+    Keras z, r, h is cuDNN r, z, h). It follows Keras' cuDNN path
+    (`keras.layers.LSTM`/`GRU`), which chooses by TensorFlow's build: on a
+    ROCm build MIOpen's LSTM gates are i, f, o, c and the GRU's are Keras'.
+    `tests/test_cudnn_packing.py` checks the layout against Keras' on a CPU.
     """
 
     mode = None
     gates = None
-    _gate_order = None
+    _gate_order = None  # a property of each subclass
 
     def _keras_biases(self, dtype):
         """`(input_bias, recurrent_bias)`, each `[gates * units]`."""
@@ -242,12 +245,13 @@ class _CudnnKernel(_SegmentKernel):
     def _params(self, dtype):
         kernel = tf.cast(self.cell.kernel, dtype)
         recurrent = tf.cast(self.cell.recurrent_kernel, dtype)
+        order = self._gate_order
         blocks = [tf.split(kernel, self.gates, 1), tf.split(recurrent, self.gates, 1)]
         weights = [tf.reshape(tf.transpose(b[i]), [-1])
-                   for b in blocks for i in self._gate_order]
+                   for b in blocks for i in order]
         biases = [tf.split(b, self.gates)
                   for b in self._keras_biases(dtype)]
-        biases = [b[i] for b in biases for i in self._gate_order]
+        biases = [b[i] for b in biases for i in order]
         return tf.concat(weights + biases, 0)
 
     def pack(self, dtype):
@@ -304,7 +308,8 @@ class _CudnnKernel(_SegmentKernel):
         sizes = [units * features] * self.gates + [units * units] * self.gates
         sizes += [units] * (2 * self.gates)
         pieces = tf.split(d_params, sizes)
-        inverse = [self._gate_order.index(i) for i in range(self.gates)]
+        order = self._gate_order
+        inverse = [order.index(i) for i in range(self.gates)]
 
         def matrix(offset, rows):
             blocks = [tf.transpose(tf.reshape(pieces[offset + j], [units, rows]))
@@ -331,7 +336,12 @@ class CudnnLSTMKernel(_CudnnKernel):
     mode = "lstm"
     advance_units_per_step = 0.5  # the output h of each step, against h and c
     gates = 4
-    _gate_order = (0, 1, 2, 3)
+
+    @property
+    def _gate_order(self):
+        # As Keras' _cudnn_lstm: MIOpen (ROCm builds) orders gates i, f, o, c.
+        rocm = tf.sysconfig.get_build_info().get("is_rocm_build", False)
+        return (0, 1, 3, 2) if rocm else (0, 1, 2, 3)
 
     def _keras_biases(self, dtype):
         bias = tf.cast(self.cell.bias, dtype)
@@ -352,7 +362,13 @@ class CudnnGRUKernel(_CudnnKernel):
     mode = "gru"
     advance_units_per_step = 1.0  # the output h of each step
     gates = 3
-    _gate_order = (1, 0, 2)
+
+    @property
+    def _gate_order(self):
+        # As Keras' _cudnn_gru: z and r swap only on CUDA builds (cuDNN's
+        # r, z, h); on ROCm builds Keras passes its own z, r, h.
+        cuda = tf.sysconfig.get_build_info().get("is_cuda_build", False)
+        return (1, 0, 2) if cuda else (0, 1, 2)
 
     def _keras_biases(self, dtype):
         bias = tf.cast(self.cell.bias, dtype)
