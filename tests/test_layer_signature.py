@@ -9,6 +9,8 @@ still load.
 import copy
 import inspect
 import pathlib
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -144,3 +146,18 @@ def _gradients_are_finite_and_nonzero(model, x):
     for variable, gradient in zip(model.trainable_variables, gradients):
         assert gradient is not None, variable.path
         assert np.isfinite(gradient).all() and np.any(gradient != 0), variable.path
+
+
+def test_importing_one_layer_lets_keras_load_every_layer_of_the_package():
+    # The 0.2.0 file holds a MemoryBudgetRNN and a keras_bptt.GRU; a fresh
+    # process that touched only MemoryBudgetRNN must load both.
+    code = (
+        "import keras, keras_bptt\n"
+        "from keras_bptt import MemoryBudgetRNN\n"
+        f"model = keras.saving.load_model({str(DATA / 'model_v0_2_0.keras')!r})\n"
+        "print(sorted(type(layer).__name__ for layer in model.layers))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "GRU" in result.stdout and "MemoryBudgetRNN" in result.stdout
