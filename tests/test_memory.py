@@ -60,9 +60,9 @@ def test_saving_survives_xla_compilation(keras_rnn):
 def test_xla_keeps_the_saving_at_a_launch_bound_size():
     """Under XLA, a small LSTM's budgeted step stays a small fraction of BPTT.
 
-    XLA's buffer assignment of a switch between per-signature kernels kept
-    a copy of the loop state per kernel here (0.28 of `keras.layers.RNN`);
-    the executor's general kernels under XLA keep it near 0.12.
+    With one kernel per run signature, XLA kept 0.28 of
+    `keras.layers.RNN`'s peak here; with the general kernels the executor
+    runs under XLA, about 0.12 (docs/executor.md).
     """
     small = dict(length=1000, batch=8, units=128, features=32, repeats=1)
     reference = measure_in_subprocess(layer="rnn", **small)

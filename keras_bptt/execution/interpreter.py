@@ -55,12 +55,8 @@ program is fetched at run time (`tf.numpy_function`) and runs through one
 kernel per opcode whose restores, releases and stores are decided per
 instruction (with `tf.where` and the scratch slots), so one trace serves
 every length. Under XLA a static program runs through those general kernels
-too: XLA's buffer assignment of a `tf.switch_case` between kernels that
-each run a `tf.while_loop` depends on which fields each kernel writes, and
-with one kernel per signature it kept up to 2.6 times the memory (hsm at 5%,
-LSTMCell(128), batch 8, t=2000: 16.0 MiB against 6.4 MiB with the general
-kernels, measured with `benchmarks/measure.py`), against a few per cent of
-time.
+too: with one kernel per signature, XLA kept over twice the memory
+(measured in `docs/executor.md`, "Static and run-time programs").
 
 Known limitations:
 
@@ -424,14 +420,10 @@ class _StaticProgram:
     @property
     def uses_internal_states(self):
         values = self.values
-        internal = (
-            program_lib.EXEC_FORWARD_STORE_INTERNAL,
-            program_lib.EXEC_BACKWARD_INTERNAL,
-        )
         return bool(
             np.any(values.forward_internal != values.internal_slots)
-            or np.any(np.isin(
-                values.runs[:, 1 + program_lib.COLUMN.opcode], internal))
+            or np.any(np.isin(values.runs[:, 1 + program_lib.COLUMN.opcode],
+                              _OPCODES_WITH_INTERNAL))
         )
 
     def kernels(self):
