@@ -9,7 +9,7 @@ out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 python -m pip install -q -e ".[test]" >/dev/null 2>&1 || true
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-timeout 180 python -m pytest -q tests/test_gpu_fused.py 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
+timeout 180 python -m pytest -q tests/execution/test_gpu_fused.py 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
 # t=1000, LSTM(256) and GRU(256), batch 32, 32 features: cuDNN, fused, chunks.
 for cell in lstm gru; do
   timeout 200 python benchmarks/memory_time.py --cell "$cell" --lengths 1000 \

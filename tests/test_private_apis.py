@@ -144,7 +144,7 @@ def test_block_lstm_v2_autodiff_gradient_is_still_wrong():
 )
 def test_cudnn_v3_ops_take_the_arguments_the_kernels_pass(op, arguments):
     # keras_bptt/execution/fused_kernels.py (_CudnnKernel); their behaviour
-    # needs a GPU: tests/test_gpu_fused.py.
+    # needs a GPU: tests/execution/test_gpu_fused.py.
     parameters = set(inspect.signature(getattr(tf.raw_ops, op)).parameters)
     assert arguments <= parameters, arguments - parameters
 

@@ -231,7 +231,7 @@ class _CudnnKernel(_SegmentKernel):
     Keras z, r, h is cuDNN r, z, h). It follows Keras' cuDNN path
     (`keras.layers.LSTM`/`GRU`), which chooses by TensorFlow's build: on a
     ROCm build MIOpen's LSTM gates are i, f, o, c and the GRU's are Keras'.
-    `tests/test_cudnn_packing.py` checks the layout against Keras' on a CPU.
+    `tests/execution/test_cudnn_packing.py` checks the layout against Keras' on a CPU.
     """
 
     mode = None

@@ -17,7 +17,7 @@ the start state of a sub-problem. In the model of
 `brute_force.optimal_cost(..., early_release=True)`, where any
 stored item may be dropped at any time, its plans are optimal when an
 internal state is no smaller than a hidden state (checked against that
-search in tests/test_early_release.py, on grids of 1 and 1/2 slot).
+search in tests/planning/test_early_release_planner.py, on grids of 1 and 1/2 slot).
 Conventions (memory in hidden-state units with h_0 counted, cost = forward ops
 including the first sweep) are those of `keras_bptt.planning.plan` and
 `docs/algorithm.md` ("Early release").

@@ -48,7 +48,7 @@ a dynamic program over the layers: after layer i it keeps the Pareto front
 of (bytes used, weighted cost) of layers 1..i, each point with a pointer
 to its predecessor; the cheapest point of the last front is optimal over
 every combination of candidates (checked against brute force in
-`tests/test_model_budget.py`). Memory left over by the optimal
+`tests/layers/test_model_budget.py`). Memory left over by the optimal
 combination is not handed out: a slightly larger budget can cost a few
 forward operations more with a non-integer alpha (see the planner's notes),
 so each layer gets exactly the share that was costed.

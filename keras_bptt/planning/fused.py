@@ -99,7 +99,7 @@ and segments of one step (`max_segment=1`) C is the paper's HSM cost; with
 conventions) `internal=True` gives the paper's MSM cost R(t, m), leaves only
 lie between R and HSM; and both equal an exhaustive search of the run model
 (`brute_force.fused_optimal_time`) for small t, with and without
-call costs (tests/test_planner_fused.py).
+call costs (tests/planning/test_fused_planner.py).
 
 Memory grid
 -----------
@@ -165,7 +165,7 @@ Known limitations
   Measured on a 2-core machine shared with other jobs (CPU time of
   `make_fused_plan`, wall time about twice that): t=1000 with 50 slots
   0.13-0.21 s; t=12000 with 120 slots 9-11 s for GPU-like costs, 13 s
-  without call times. `tests/test_planner_fused.py` has no timing asserts.
+  without call times. `tests/planning/test_fused_planner.py` has no timing asserts.
 * Items are kept until their sub-problem ends (the paper's model; no early
   release as in `msm_early`).
 * Times are float64 sums: plans are optimal up to rounding. Ties are

@@ -20,7 +20,7 @@ import tensorflow as tf
 import keras_bptt
 from keras_bptt import MemoryBudgetRNN
 
-DATA = pathlib.Path(__file__).parent / "data"
+DATA = pathlib.Path(__file__).parents[1] / "data"
 OWN_ARGUMENTS = ("memory_budget", "scheme", "report_metrics", "fused", "segment_costs")
 
 

@@ -17,7 +17,7 @@ stand-in that records the `params` Keras passes and stops the call. So
   bias);
 * a deliberately wrong gate order or bias layout is caught.
 
-Only the kernel calls themselves need a GPU: `tests/test_gpu_fused.py`.
+Only the kernel calls themselves need a GPU: `tests/execution/test_gpu_fused.py`.
 """
 
 import importlib

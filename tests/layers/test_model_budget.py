@@ -19,7 +19,7 @@ from keras_bptt.planning.budget_split import LayerProfile
 import brute_force
 from rnn_testing import _loss
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """MemoryBudgetRNN(fused=True): fused segments equal keras.layers.RNN.
 
 On CPU the fused kernel is BlockLSTMV2 (LSTMCell only); on a GPU cuDNN's
-(tests/test_gpu_fused.py). Plans are made with fixed `segment_costs` so the
+(tests/execution/test_gpu_fused.py). Plans are made with fixed `segment_costs` so the
 tests do not depend on timing: a GPU-like cost (calls far above steps, few
 long runs) and a CPU-like one (no call cost, deep plans).
 """

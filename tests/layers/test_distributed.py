@@ -107,7 +107,7 @@ def test_mirrored_strategy_trains_like_one_device_with_per_replica_counters(
 def test_multi_worker_mirrored_strategy_with_two_local_workers():
     # The example sets each worker's TF_CONFIG itself; it reads no other
     # variable of the environment.
-    example = os.path.join(os.path.dirname(__file__), "..", "examples", "multi_worker.py")
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "multi_worker.py")
     completed = subprocess.run(
         [sys.executable, example], capture_output=True, text=True, timeout=600,
         env=_environment(bfc=False),
