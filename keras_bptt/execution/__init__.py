@@ -1,8 +1,10 @@
 """Execution: running a plan in TensorFlow (`docs/executor.md`).
 
+* `shell` -- the gradient shell: the one `tf.custom_gradient` function,
+  written once around every executor (cotangents, counters, variables).
 * `program` -- a `Plan` compiled to instructions the interpreter reads.
-* `interpreter` -- the `tf.custom_gradient` over `tf.while_loop`s that
-  runs a program, step by step.
+* `interpreter` -- the executor of a program: `tf.while_loop`s that run it,
+  step by step.
 * `steps` -- one recurrent step of a Keras cell (masks, dropout) as the
   interpreter calls it.
 * `internal_states` -- cells whose internal state (gate activations) can be

@@ -3,17 +3,18 @@
 Documented in `docs/executor.md` ("The fused run interpreter") and `docs/cost-model.md`.
 
 Interprets a `keras_bptt.planning.fused.FusedPlan` (leaves only,
-`"fused_hsm"`) with a segment kernel of `keras_bptt.execution.fused_kernels`. One
-`tf.custom_gradient` function wraps the recurrence, as in
+`"fused_hsm"`) with a segment kernel of `keras_bptt.execution.fused_kernels`,
+as an executor of the gradient shell (`keras_bptt.execution.shell`), like
 `keras_bptt.execution.interpreter`:
 
 * Its forward pass runs the plan's first sweep -- the runs before its first
   `LEAF`: `ADVANCE` calls that store their end states in hidden-state slots
   -- then one more forward call over the first leaf's steps, which produces
   their outputs. Each call is one fused kernel call over its segment; the
-  outputs of all calls are the layer's outputs. It keeps the first leaf's
-  input state (the *register*) for the gradient function.
-* Its gradient function is one `tf.while_loop` over the remaining runs, one
+  outputs of all calls are the layer's outputs. Its residuals
+  (`_FusedResiduals`) are the time-major inputs, the first leaf's input
+  state (the *register*) and the slots.
+* Its backward pass is one `tf.while_loop` over the remaining runs, one
   run per iteration: `RESTORE` copies a slot into the register, `ADVANCE`
   runs the kernel's forward call over the segment (keeping nothing),
   `STORE` writes the register to a slot, `FREE` clears a slot, and `LEAF`
@@ -45,6 +46,7 @@ import tensorflow as tf
 
 from keras_bptt.planning import fused as planner_fused
 from keras_bptt.execution import interpreter as executor_lib
+from keras_bptt.execution import shell
 
 _COUNTER = tf.int64
 # The run opcodes this executor interprets, and each one's branch index.
@@ -164,6 +166,103 @@ def _read_slot(slots, slot, like):
     return [tf.ensure_shape(b.read(slot), s.shape) for b, s in zip(slots, like)]
 
 
+class _FusedResiduals(typing.NamedTuple):
+    """What the fused forward pass hands the gradient function.
+
+    Attributes:
+        x_tm: The inputs, time-major and in processing order.
+        register: The first leaf's input state.
+        slots: The hidden-state slots the first sweep stored into.
+        sweep: The first sweep's `_SweepCounts`.
+        states0: The initial states (the bytes of one slot).
+    """
+
+    x_tm: tf.Tensor
+    register: list
+    slots: list
+    sweep: "_SweepCounts"
+    states0: list
+
+
+class _FusedExecutor:
+    """The fused executor's two phases for `shell.differentiable_recurrence`."""
+
+    def __init__(self, kernel, split, go_backwards, return_sequences,
+                 input_gradient):
+        self.kernel, self.split = kernel, split
+        self.go_backwards = go_backwards
+        self.return_sequences = return_sequences
+        self.input_gradient = input_gradient
+
+    def forward(self, inputs, initial_states, extras):
+        kernel, split = self.kernel, self.split
+        x_tm = tf.transpose(inputs, [1, 0, 2])
+        if self.go_backwards:
+            x_tm = tf.reverse(x_tm, [0])
+        kernel.pack(inputs.dtype)
+        slots = [tf.TensorArray(s.dtype, size=split.hidden_slots + 1,
+                                element_shape=s.shape, clear_after_read=False)
+                 for s in initial_states]
+        register, slots, outputs, sweep = _forward_sweep(
+            kernel, x_tm, initial_states, slots, split, self.return_sequences)
+        start, steps = split.first_leaf
+        last_outputs, final_states = kernel.forward(
+            x_tm[start:start + steps], register)
+        outputs.append(last_outputs)
+        if self.return_sequences:
+            result = tf.transpose(tf.concat(outputs, 0), [1, 0, 2])
+        else:
+            result = last_outputs[-1]
+        zero = tf.zeros([], _COUNTER)
+        return shell.ForwardPass(
+            outputs=result,
+            final_states=list(final_states),
+            counts=shell.ExecutionCounts(
+                forward_steps=sweep.forward_steps + steps,
+                recomputed_steps=zero,
+                backward_steps=zero,
+                peak_stored_slots=sweep.peak_slots,
+                peak_stored_internal=zero,
+                peak_stored_bytes=sweep.peak_slots
+                * executor_lib._nbytes(initial_states),
+            ),
+            residuals=_FusedResiduals(x_tm, register, slots, sweep,
+                                      initial_states),
+        )
+
+    def backward(self, residuals, cotangents, variables):
+        kernel, x_tm = self.kernel, residuals.x_tm
+        d_outputs = cotangents.outputs
+        if self.return_sequences:
+            d_outputs = tf.transpose(d_outputs, [1, 0, 2])  # time-major
+        kernel.pack(x_tm.dtype)  # in the gradient's graph
+        carry = _gradient_loop(kernel, x_tm, d_outputs, residuals.register,
+                               cotangents.final_states, residuals.slots,
+                               self.split, self.input_gradient, residuals.sweep)
+        kernel._packed = None
+        dx = None
+        if self.input_gradient:
+            dx = carry.d_inputs.stack()
+            if self.go_backwards:
+                dx = tf.reverse(dx, [0])
+            dx = tf.transpose(dx, [1, 0, 2])
+        counts, sweep = carry.counts, residuals.sweep
+        return shell.BackwardPass(
+            d_inputs=dx,
+            d_states=list(carry.d_register),
+            variables=list(kernel.variables),
+            gradients=list(carry.d_weights),
+            counts=_execution_counts(counts, int(x_tm.shape[0]),
+                                     residuals.states0),
+            kernel_calls=shell.KernelCalls(
+                forward_calls=counts.forward_calls + sweep.forward_calls,
+                backward_calls=counts.backward_calls,
+                steps=counts.forward_steps + sweep.forward_steps
+                + counts.backward_steps,
+            ),
+        )
+
+
 def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
                          runs=None, go_backwards=False, return_sequences=False,
                          input_gradient=True, on_backward=None):
@@ -178,12 +277,12 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
         go_backwards, return_sequences: As `keras.layers.RNN`.
         input_gradient: Whether the gradient of `inputs` is needed.
         on_backward: Optional callback given the gradient function's
-            `executor.ExecutionCounts` and, as `fused=`, its
-            `FusedCallCounts`; it may return an op to run.
+            `shell.ExecutionCounts` and, as `kernel_calls=`, its
+            `shell.KernelCalls`; it may return an op to run.
 
     Returns:
-        `(outputs, final_states, forward_counts)`, the last an
-        `executor.ExecutionCounts` of the forward pass.
+        `(outputs, final_states, forward_counts)`, the last a
+        `shell.ExecutionCounts` of the forward pass.
     """
     split = split_sweep(fused_plan, runs)
     length = inputs.shape[1]
@@ -191,76 +290,13 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
         raise ValueError(
             f"The plan is for {fused_plan.length} steps; the input has {length}."
         )
-    num_states = len(initial_states)
-
-    @tf.custom_gradient
-    def recurrence(x, *states0):
-        x_tm = tf.transpose(x, [1, 0, 2])
-        if go_backwards:
-            x_tm = tf.reverse(x_tm, [0])
-        states0 = list(states0)
-        kernel.pack(x.dtype)
-        slots = [tf.TensorArray(s.dtype, size=split.hidden_slots + 1,
-                                element_shape=s.shape, clear_after_read=False)
-                 for s in states0]
-        register, slots, outputs, sweep = _forward_sweep(
-            kernel, x_tm, states0, slots, split, return_sequences)
-        start, steps = split.first_leaf
-        last_outputs, final_states = kernel.forward(
-            x_tm[start:start + steps], register)
-        outputs.append(last_outputs)
-        if return_sequences:
-            result = tf.transpose(tf.concat(outputs, 0), [1, 0, 2])
-        else:
-            result = last_outputs[-1]
-        forward_counts = sweep.forward_steps + steps
-
-        def grad_fn(d_result, *d_final, variables=None):
-            d_final = [tf.zeros_like(s) if d is None else d
-                       for d, s in zip(d_final, final_states)]
-            d_outputs = _time_major_output_gradients(
-                d_result, result, return_sequences)
-            kernel.pack(x.dtype)  # in the gradient's graph
-            carry = _gradient_loop(kernel, x_tm, d_outputs, register, d_final,
-                                   slots, split, input_gradient, sweep)
-            kernel._packed = None
-            side_effects = []
-            if on_backward is not None:
-                op = on_backward(
-                    _execution_counts(carry.counts, length, states0),
-                    fused=FusedCallCounts(
-                        forward_calls=carry.counts.forward_calls
-                        + sweep.forward_calls,
-                        backward_calls=carry.counts.backward_calls,
-                        steps=carry.counts.forward_steps + sweep.forward_steps
-                        + carry.counts.backward_steps,
-                    ))
-                if op is not None:
-                    side_effects.append(op)
-            with tf.control_dependencies(side_effects):
-                d_weights = _match_variables(variables, kernel.variables,
-                                             carry.d_weights)
-                dx = None
-                if input_gradient:
-                    dx = carry.d_inputs.stack()
-                    if go_backwards:
-                        dx = tf.reverse(dx, [0])
-                    dx = tf.identity(tf.transpose(dx, [1, 0, 2]))
-            return [dx] + list(carry.d_register), d_weights
-
-        return ((result, *final_states, forward_counts, sweep.peak_slots),
-                grad_fn)
-
-    results = recurrence(inputs, *initial_states)
-    kernel._packed = None  # tensors of this graph: never reuse elsewhere
-    result = results[0]
-    final_states = list(results[1:1 + num_states])
-    forward_steps, peak = results[1 + num_states:]
-    zero = tf.zeros([], _COUNTER)
-    counts = executor_lib.ExecutionCounts(
-        forward_steps, zero, zero, peak, zero,
-        peak * executor_lib._nbytes(initial_states))
-    return result, final_states, counts
+    executor = _FusedExecutor(kernel, split, go_backwards, return_sequences,
+                              input_gradient)
+    try:
+        return shell.differentiable_recurrence(
+            executor, inputs, initial_states, on_backward=on_backward)
+    finally:
+        kernel._packed = None  # tensors of this graph: never reuse elsewhere
 
 
 class _SweepCounts(typing.NamedTuple):
@@ -298,15 +334,6 @@ def _forward_sweep(kernel, x_tm, states, slots, split, return_sequences):
     return register, slots, outputs, _SweepCounts(
         forward_steps=constant(steps), forward_calls=constant(calls + 1),
         live_slots=constant(live), peak_slots=constant(peak))
-
-
-def _time_major_output_gradients(d_result, result, return_sequences):
-    """`[t, batch, units]` output gradients, or a last-step-only marker."""
-    if d_result is None:
-        d_result = tf.zeros_like(result)
-    if return_sequences:
-        return tf.transpose(d_result, [1, 0, 2])
-    return d_result
 
 
 def _segment_output_gradients(d_outputs, start, steps, length, return_sequences):
@@ -417,23 +444,9 @@ def _gradient_loop(kernel, x_tm, d_outputs, register, d_final, slots, split,
     return carry
 
 
-class FusedCallCounts(typing.NamedTuple):
-    """Fused calls of one forward and backward pass, counted by the executor.
-
-    Attributes:
-        forward_calls: Forward kernel calls (first sweep, advances, leaves).
-        backward_calls: Backward kernel calls (one per leaf).
-        steps: Steps evaluated by those calls, forward and backward.
-    """
-
-    forward_calls: tf.Tensor
-    backward_calls: tf.Tensor
-    steps: tf.Tensor
-
-
 def _execution_counts(counts, length, states):
     """The loop's counts in the step executor's terms."""
-    return executor_lib.ExecutionCounts(
+    return shell.ExecutionCounts(
         forward_steps=tf.constant(length, _COUNTER),
         recomputed_steps=counts.forward_steps,
         backward_steps=counts.backward_steps,
@@ -441,20 +454,3 @@ def _execution_counts(counts, length, states):
         peak_stored_internal=tf.zeros([], _COUNTER),
         peak_stored_bytes=counts.peak_slots * executor_lib._nbytes(states),
     )
-
-
-def _match_variables(variables, kernel_variables, gradients):
-    """Gradients in the order custom_gradient lists the captured variables."""
-    position = {}
-    for i, v in enumerate(kernel_variables):
-        position[_ref(v)] = i
-    result = []
-    for v in variables or []:
-        index = position.get(v.ref())
-        result.append(None if index is None else tf.cast(gradients[index], v.dtype))
-    return result
-
-
-def _ref(variable):
-    inner = getattr(variable, "value", variable)
-    return inner.ref() if hasattr(inner, "ref") else variable.ref()

@@ -3,8 +3,9 @@
 Documented in `docs/executor.md` (the interpreter, stored states, TensorFlow facts).
 
 Implements the execution side of Gruslys et al., "Memory-Efficient
-Backpropagation Through Time" (NIPS 2016): one `tf.custom_gradient` function
-wraps the whole recurrence.
+Backpropagation Through Time" (NIPS 2016) as an executor of the gradient
+shell (`keras_bptt.execution.shell`, the one `tf.custom_gradient` function
+around the whole recurrence).
 
 * Its forward pass is one `tf.while_loop` over the time steps. It computes the
   outputs and writes into the buffers only the hidden and internal states
@@ -87,8 +88,9 @@ import numpy as np
 import tensorflow as tf
 
 from keras_bptt.execution import program as program_lib
+from keras_bptt.execution import shell
 
-_COUNTER_DTYPE = tf.int64
+_COUNTER_DTYPE = shell.COUNTER_DTYPE
 
 
 
@@ -134,15 +136,7 @@ def run_time_program_tensors(lookup, *args):
     return program_lib.ProgramValues._make(tensors)
 
 
-class ExecutionCounts(typing.NamedTuple):
-    """What an execution really did, counted by the executor itself."""
-
-    forward_steps: tf.Tensor
-    recomputed_steps: tf.Tensor
-    backward_steps: tf.Tensor
-    peak_stored_slots: tf.Tensor
-    peak_stored_internal: tf.Tensor
-    peak_stored_bytes: tf.Tensor
+ExecutionCounts = shell.ExecutionCounts
 
 
 class LoopStepWithInternalState:
@@ -245,10 +239,6 @@ def _batch_major(tensor):
     return tf.transpose(tensor, [1, 0] + list(range(2, tensor.shape.rank)))
 
 
-def _zeros_like_or(gradient, reference):
-    return tf.zeros_like(reference) if gradient is None else gradient
-
-
 def _state_buffers(states, size):
     return [
         tf.TensorArray(
@@ -292,12 +282,6 @@ def _restore(buffers, slot, register):
     return [tf.where(restore, v, r) for v, r in zip(values, register)]
 
 
-def _after(values, tensors):
-    """`tensors` passed through identities that wait for `values`."""
-    with tf.control_dependencies(values):
-        return [tf.identity(t) for t in tensors]
-
-
 def _zeros_like_state(reference, batch_size):
     """Zeros shaped like a state, built from shapes (no forward tensor kept)."""
     shape = reference.shape
@@ -314,8 +298,8 @@ def _count(flag):
     return tf.cast(flag, _COUNTER_DTYPE)
 
 
-def _take_peaks(counts, hidden_bytes, internal_bytes):
-    live_bytes = counts.live * hidden_bytes + counts.live_internal * internal_bytes
+def _take_peaks(counts, sizes):
+    live_bytes = counts.live * sizes.hidden + counts.live_internal * sizes.internal
     return counts._replace(
         peak=tf.maximum(counts.peak, counts.live),
         peak_internal=tf.maximum(counts.peak_internal, counts.live_internal),
@@ -444,11 +428,19 @@ class _StaticProgram:
         return signatures, branches
 
 
+class _StateBytes(typing.NamedTuple):
+    """Bytes of one stored hidden state and of one stored internal state."""
+
+    hidden: tf.Tensor
+    internal: tf.Tensor
+
+
 class _Recurrence:
-    """One call's recurrence: its steps, its forward loop, its gradient.
+    """One call's recurrence: its inputs, its steps and its forward loop.
 
     Built inside the `tf.custom_gradient` function from the tensors it
-    receives (`program`'s `EXECUTED_FIELDS` are the function's own inputs).
+    receives (`program`'s `EXECUTED_FIELDS` are the function's own inputs),
+    so that both phases read them as the function's inputs.
     """
 
     def __init__(self, step_fn, internal_step, x, mask, program, options):
@@ -490,7 +482,7 @@ class _Recurrence:
 
     # -- forward pass --------------------------------------------------------
 
-    def sweep_store(self, i, states, internal, bufs, ibufs, counts):
+    def sweep_store(self, i, states, internal, bufs, ibufs, counts, sizes):
         """The sweep's ops between steps i and i + 1, on the buffers.
 
         Stores h_i (`states`), releases `forward_release[i]` hidden states,
@@ -508,7 +500,7 @@ class _Recurrence:
         bufs = _write_slot(bufs, slot, states)
         counts = counts._replace(live=live)
         if self.sweep_releases:
-            counts = _take_peaks(counts, self.hidden_bytes, self.internal_bytes)
+            counts = _take_peaks(counts, sizes)
             counts = counts._replace(live=live - _count(releases))
         if self.uses_internal:
             internal_slot = tf.gather(program.forward_internal, i)
@@ -518,22 +510,20 @@ class _Recurrence:
                 + _count(internal_slot != self.internal_scratch)
             )
         if self.sweep_releases:
-            counts = _take_peaks(counts, self.hidden_bytes, self.internal_bytes)
+            counts = _take_peaks(counts, sizes)
         return bufs, ibufs, counts
 
     def forward(self, states0):
-        """Runs the sweep: `(outputs, final_states, forward_counts)`."""
+        """Runs the sweep: a `shell.ForwardPass` with `_Residuals`."""
         # The first step runs outside the loop to learn the output signature.
         output0, states1, internal0 = self.step_at(0, states0)
-        self.states0, self.internal0 = states0, internal0
-        self.hidden_bytes = _nbytes(states0)
-        self.internal_bytes = _nbytes(internal0)
+        sizes = _StateBytes(_nbytes(states0), _nbytes(internal0))
         zero = tf.zeros([], _COUNTER_DTYPE)
         bufs, ibufs, counts = self.sweep_store(
             0, states0, internal0,
             _state_buffers(states0, self.scratch_slot + 1),
             _state_buffers(internal0, self.internal_scratch + 1),
-            _Counts(zero, zero, zero, zero, zero),
+            _Counts(zero, zero, zero, zero, zero), sizes,
         )
         outputs = tf.TensorArray(
             output0.dtype,
@@ -545,7 +535,7 @@ class _Recurrence:
             output, new_states, internal = self.step_at(carry.i, carry.states)
             bufs, ibufs, counts = self.sweep_store(
                 carry.i, carry.states, internal, carry.bufs, carry.ibufs,
-                carry.counts,
+                carry.counts, sizes,
             )
             outputs = carry.outputs
             if self.return_sequences:
@@ -561,43 +551,108 @@ class _Recurrence:
         )
         counts = carry.counts
         if not self.sweep_releases:
-            counts = _take_peaks(counts, self.hidden_bytes, self.internal_bytes)
-        self.prev_states, self.final_states = carry.prev_states, carry.states
-        self.sweep_counts, self.buffers = counts, (carry.bufs, carry.ibufs)
+            counts = _take_peaks(counts, sizes)
         outputs = carry.output
         if self.return_sequences:
             outputs = _batch_major(carry.outputs.stack())
-        self.outputs = outputs
-        forward_counts = (
-            tf.cast(self.length, _COUNTER_DTYPE),
-            counts.peak, counts.peak_internal, counts.peak_bytes,
+        return shell.ForwardPass(
+            outputs=outputs,
+            final_states=carry.states,
+            counts=shell.ExecutionCounts(
+                forward_steps=tf.cast(self.length, _COUNTER_DTYPE),
+                recomputed_steps=zero,
+                backward_steps=zero,
+                peak_stored_slots=counts.peak,
+                peak_stored_internal=counts.peak_internal,
+                peak_stored_bytes=counts.peak_bytes,
+            ),
+            residuals=_Residuals(
+                recurrence=self,
+                states0=states0,
+                internal0=internal0,
+                prev_states=carry.prev_states,
+                buffers=carry.bufs,
+                internal_buffers=carry.ibufs,
+                sweep_counts=counts,
+                sizes=sizes,
+            ),
         )
-        return outputs, carry.states, forward_counts
 
-    # -- gradient: step evaluations ----------------------------------------
+
+class _Residuals(typing.NamedTuple):
+    """What the forward pass hands the gradient function.
+
+    Attributes:
+        recurrence: The `_Recurrence`: the function's inputs and program.
+        states0: The initial states (shapes of the zeros that clear slots).
+        internal0: The first step's internal state (shapes of the internal
+            slots' reads; [] without internal states).
+        prev_states: h_{t-1}, the register the backward program starts from
+            (`keras_bptt.execution.program`, "Known limitation").
+        buffers, internal_buffers: The hidden and internal slots.
+        sweep_counts: The sweep's `_Counts` (live and peak stored states).
+        sizes: The `_StateBytes` of one stored state of each kind.
+    """
+
+    recurrence: _Recurrence
+    states0: list
+    internal0: list
+    prev_states: list
+    buffers: list
+    internal_buffers: list
+    sweep_counts: _Counts
+    sizes: _StateBytes
+
+
+class _Gradient:
+    """The gradient function's backward program over the residuals.
+
+    Holds what only the backward phase has: the cotangents, the variables
+    whose gradients it accumulates, and the zeros that clear freed slots.
+    """
+
+    def __init__(self, residuals, cotangents, variables):
+        self.rec = residuals.recurrence
+        self.residuals = residuals
+        self.d_outputs = cotangents.outputs
+        self.d_final_states = cotangents.final_states
+        self.variables = list(variables)
+        # A freed slot is overwritten with zeros, else the buffer would keep
+        # the dropped state alive until the slot is stored into again (with
+        # LIFO slots, MSM's deepest slots hold stale states for most of the
+        # loop). The zeros keep no forward tensor alive (constants when
+        # shapes are static).
+        batch_size = tf.shape(self.rec.x)[0]
+        self.hidden_filler = [
+            _zeros_like_state(s, batch_size) for s in residuals.states0]
+        self.internal_filler = [
+            _zeros_like_state(s, batch_size) for s in residuals.internal0]
+
+    # -- step evaluations ----------------------------------------------------
 
     def output_cotangent(self, step, signature):
         """The cotangent of step `step`'s output (None: zero)."""
-        if self.return_sequences:
+        if self.rec.return_sequences:
             return tf.gather(self.d_outputs, step - 1, axis=1)
         if signature.backprops_last is None:
-            is_last = tf.cast(tf.equal(step, self.length), self.d_outputs.dtype)
+            is_last = tf.cast(tf.equal(step, self.rec.length), self.d_outputs.dtype)
             return self.d_outputs * is_last
         return self.d_outputs if signature.backprops_last else None
 
     def recompute(self, step, register):
         # The plain step: a recomputation keeps no internal state.
-        x_t, mask_t = self.inputs_at(step - 1)
-        return self.step_fn(x_t, mask_t, register)[1]
+        x_t, mask_t = self.rec.inputs_at(step - 1)
+        return self.rec.step_fn(x_t, mask_t, register)[1]
 
     def backward(self, step, register, d_register, signature):
         """`(dx, d_states, d_variables)` of a step, under a tape."""
-        x_t, mask_t = self.inputs_at(step - 1)
-        x_sources = [x_t] if self.input_gradient else []
+        rec = self.rec
+        x_t, mask_t = rec.inputs_at(step - 1)
+        x_sources = [x_t] if rec.input_gradient else []
         sources = x_sources + list(register)
         with tf.GradientTape() as tape:
             tape.watch(sources)
-            output, new_states = self.step_fn(x_t, mask_t, register)
+            output, new_states = rec.step_fn(x_t, mask_t, register)
         targets, cotangents = list(new_states), list(d_register)
         d_output = self.output_cotangent(step, signature)
         if d_output is not None:
@@ -611,34 +666,29 @@ class _Recurrence:
             tf.zeros_like(s) if g is None else g
             for g, s in zip(grads, sources)
         ]
-        gx = source_grads.pop(0) if self.input_gradient else None
+        gx = source_grads.pop(0) if rec.input_gradient else None
         return gx, source_grads, grads[len(sources) :]
 
     def backward_from_internal(self, step, internal, d_register, signature):
-        _, mask_t = self.inputs_at(step - 1)
+        internal_step = self.rec.internal_step
+        _, mask_t = self.rec.inputs_at(step - 1)
         d_output = self.output_cotangent(step, signature)
         if d_output is None and mask_t is not None:
             d_output = tf.zeros_like(self.d_outputs)  # masking selects on it
-        gx, g_states, g_internal_vars = self.internal_step.backward(
+        gx, g_states, g_internal_vars = internal_step.backward(
             internal, mask_t, d_output, d_register
         )
-        position = {
-            v.ref(): i for i, v in enumerate(self.internal_step.variables)
-        }
-        g_vars = [
-            g_internal_vars[position[v.ref()]]
-            if v.ref() in position
-            else None  # not used by the cell: nothing to add
-            for v in self.variables
-        ]
+        # None for a variable the cell does not use: nothing to add.
+        g_vars = shell.align_gradients(
+            self.variables, internal_step.variables, g_internal_vars)
         return gx, list(g_states), g_vars
 
     def accumulate(self, carry, step, gradients):
         """Adds a backward step's gradients; its state gradients go on."""
         gx, g_states, g_vars = gradients
         dx = carry.dx
-        if self.input_gradient:
-            dx = dx.write(self.time_index(step - 1), gx)
+        if self.rec.input_gradient:
+            dx = dx.write(self.rec.time_index(step - 1), gx)
         dvars = [a if g is None else a + g for a, g in zip(carry.dvars, g_vars)]
         with tf.control_dependencies(dvars):
             added = tf.constant(0, _COUNTER_DTYPE)  # holds no reference
@@ -657,24 +707,25 @@ class _Recurrence:
         with tf.control_dependencies([tf.identity(tokens.before_last)]):
             return backward_fn()
 
-    # -- gradient: one instruction -----------------------------------------
+    # -- one instruction -----------------------------------------------------
 
     def restored_register(self, ins, carry, signature):
         """The register after the instruction's restore, if it has one."""
         register = carry.register
+        internal0, internal_step = self.residuals.internal0, self.rec.internal_step
         if signature.restores_hidden:
             register = _read_slot(carry.bufs, ins.restore_slot, register)
         elif signature.restores_hidden is None:
             register = _restore(carry.bufs, ins.restore_slot, register)
         if signature.restores_internal:
-            internal = _read_slot(carry.ibufs, ins.restore_internal_slot, self.internal0)
-            register = list(self.internal_step.restore(internal))
+            internal = _read_slot(carry.ibufs, ins.restore_internal_slot, internal0)
+            register = list(internal_step.restore(internal))
         elif signature.restores_internal is None:
             register = tf.cond(
                 ins.restore_internal_slot >= 0,
-                lambda: list(self.internal_step.restore(_read_slot(
+                lambda: list(internal_step.restore(_read_slot(
                     carry.ibufs, tf.maximum(ins.restore_internal_slot, 0),
-                    self.internal0,
+                    internal0,
                 ))),
                 lambda: register,
             )
@@ -693,7 +744,7 @@ class _Recurrence:
             for j in range(writes):
                 freed = top - j
                 if not exact:
-                    freed = tf.where(ins.releases > j, freed, self.scratch_slot)
+                    freed = tf.where(ins.releases > j, freed, self.rec.scratch_slot)
                 bufs = _write_slot(bufs, freed, self.hidden_filler)
         released = writes if exact else _count(ins.releases)
         return carry._replace(
@@ -721,7 +772,7 @@ class _Recurrence:
             )
         counts = carry.counts
         if opcode == program_lib.EXEC_FORWARD_STORE_INTERNAL:
-            _, register, internal = self.step_at(step - 1, carry.register)
+            _, register, internal = self.rec.step_at(step - 1, carry.register)
             return carry._replace(
                 register=register,
                 ibufs=_write_slot(carry.ibufs, ins.internal_slot, internal),
@@ -729,7 +780,7 @@ class _Recurrence:
                 counts=counts._replace(live_internal=counts.live_internal + 1),
             )
         # EXEC_BACKWARD_INTERNAL
-        internal = _read_slot(carry.ibufs, ins.internal_slot, self.internal0)
+        internal = _read_slot(carry.ibufs, ins.internal_slot, self.residuals.internal0)
         gradients = self.after_previous_accumulation(
             carry.tokens,
             lambda: self.backward_from_internal(
@@ -756,14 +807,14 @@ class _Recurrence:
             bufs = _write_slot(bufs, ins.store_slot, carry.register)
             stored = (
                 1 if signature.stores
-                else _count(ins.store_slot != self.scratch_slot)
+                else _count(ins.store_slot != self.rec.scratch_slot)
             )
             counts = counts._replace(live=counts.live + stored)
         if _grows(signature):
-            counts = _take_peaks(counts, self.hidden_bytes, self.internal_bytes)
+            counts = _take_peaks(counts, self.residuals.sizes)
         return carry._replace(bufs=bufs, counts=counts)
 
-    # -- gradient: runs ------------------------------------------------------
+    # -- runs ----------------------------------------------------------------
 
     def run_kernel(self, run, carry, signature):
         """The run's `count` instructions, in one inner `tf.while_loop`.
@@ -830,90 +881,102 @@ class _Recurrence:
         )
         return _rejoin(state.carry, carry)
 
-    def initial_backward_carry(self, d_final_states):
-        """The gradient loop's start; the scratch slots begin cleared."""
-        d_states = [
-            _zeros_like_or(d, s) for d, s in zip(d_final_states, self.final_states)
-        ]
-        x = self.x
+    def initial_carry(self):
+        """The gradient loop's start; the scratch slots begin cleared (the
+        forward pass leaves them holding its last unstored states)."""
+        rec, residuals = self.rec, self.residuals
+        x = rec.x
         dx = tf.TensorArray(
             x.dtype,
-            size=self.length if self.input_gradient else 0,
+            size=rec.length if rec.input_gradient else 0,
             element_shape=[x.shape[0]] + x.shape[2:],
         )
-        # A freed slot is overwritten with zeros, else the buffer would keep
-        # the dropped state alive until the slot is stored into again (with
-        # LIFO slots, MSM's deepest slots hold stale states for most of the
-        # loop). The zeros keep no forward tensor alive (constants when
-        # shapes are static), and the scratch slots, which the forward pass
-        # leaves holding its last unstored states, start cleared.
-        batch_size = tf.shape(x)[0]
-        self.hidden_filler = [_zeros_like_state(s, batch_size) for s in self.states0]
-        self.internal_filler = [
-            _zeros_like_state(s, batch_size) for s in self.internal0
-        ]
-        bufs, ibufs = self.buffers
         zero = tf.zeros([], _COUNTER_DTYPE)
         return _BackwardCarry(
-            register=list(self.prev_states),
-            d_register=d_states,
-            bufs=_write_slot(bufs, self.scratch_slot, self.hidden_filler),
-            ibufs=_write_slot(ibufs, self.internal_scratch, self.internal_filler),
+            register=list(residuals.prev_states),
+            d_register=list(self.d_final_states),
+            bufs=_write_slot(residuals.buffers, rec.scratch_slot,
+                             self.hidden_filler),
+            ibufs=_write_slot(residuals.internal_buffers, rec.internal_scratch,
+                              self.internal_filler),
             dx=dx,
             dvars=[tf.zeros_like(v) for v in self.variables],
-            counts=self.sweep_counts,
+            counts=residuals.sweep_counts,
             work=_Work(zero, zero),
             tokens=_Tokens(zero, zero),
         )
 
-    def gradient(self, d_outputs, d_final_states, variables):
+    def final_carry(self):
         """Runs the backward program: the final `_BackwardCarry`."""
-        self.variables = list(variables)
-        self.d_outputs = _zeros_like_or(d_outputs, self.outputs)
-        carry = self.initial_backward_carry(d_final_states)
-        if self.static is None or _in_xla():
+        rec = self.rec
+        carry = self.initial_carry()
+        if rec.static is None or _in_xla():
             # A run-time program, or XLA: one general kernel per opcode
             # (module docstring, "Executor overhead").
-            opcodes = 5 if self.uses_internal else 3
-            internal = None if self.uses_internal else False
+            opcodes = 5 if rec.uses_internal else 3
+            internal = None if rec.uses_internal else False
             signatures = [
                 program_lib.Signature(op, None, internal, None, None, None)
                 for op in range(opcodes)
             ]
-            runs = (self.program.runs if self.static is None
-                    else tf.constant(self.static.values.runs))
+            runs = (rec.program.runs if rec.static is None
+                    else tf.constant(rec.static.values.runs))
             branches = runs[:, 1 + program_lib.COLUMN.opcode]
             return self.run_program(runs, branches, signatures, carry)
-        signatures, branches = self.static.kernels()
+        signatures, branches = rec.static.kernels()
         return self.run_program(
-            tf.constant(self.static.values.runs), tf.constant(branches),
+            tf.constant(rec.static.values.runs), tf.constant(branches),
             signatures, carry,
         )
 
-
-def _report_gradients(run, carry, on_backward):
-    """`(dx, variable gradients)`, after `on_backward` saw the counts."""
-    side_effects = []
-    if on_backward is not None:
+    def run(self):
+        """The backward pass, as a `shell.BackwardPass`."""
+        carry = self.final_carry()
         counts = carry.counts
-        op = on_backward(
-            ExecutionCounts(
-                forward_steps=tf.cast(run.length, _COUNTER_DTYPE),
+        dx = None
+        if self.rec.input_gradient:
+            dx = _batch_major(carry.dx.stack())
+        return shell.BackwardPass(
+            d_inputs=dx,
+            d_states=list(carry.d_register),
+            variables=self.variables,
+            gradients=list(carry.dvars),
+            counts=shell.ExecutionCounts(
+                forward_steps=tf.cast(self.rec.length, _COUNTER_DTYPE),
                 recomputed_steps=carry.work.recomputed,
                 backward_steps=carry.work.backwards,
                 peak_stored_slots=counts.peak,
                 peak_stored_internal=counts.peak_internal,
                 peak_stored_bytes=counts.peak_bytes,
-            )
+            ),
         )
-        if op is not None:
-            side_effects.append(op)
-    with tf.control_dependencies(side_effects):
-        var_grads = [tf.identity(g) for g in carry.dvars]
-        dx = None
-        if run.input_gradient:
-            dx = tf.identity(_batch_major(carry.dx.stack()))
-    return dx, var_grads
+
+
+class _StepExecutor:
+    """The step executor's two phases for `shell.differentiable_recurrence`.
+
+    Its `extras` are the mask (if any) and the program's `EXECUTED_FIELDS`.
+    """
+
+    def __init__(self, step_fn, internal_step, program, has_mask, options):
+        self.step_fn, self.internal_step = step_fn, internal_step
+        self.program, self.has_mask, self.options = program, has_mask, options
+
+    def extras(self, mask):
+        program_args = [getattr(self.program, n)
+                        for n in program_lib.EXECUTED_FIELDS]
+        return ([mask] if self.has_mask else []) + program_args
+
+    def forward(self, inputs, initial_states, extras):
+        mask = extras[0] if self.has_mask else None
+        program = self.program._replace(**dict(zip(
+            program_lib.EXECUTED_FIELDS, extras[int(self.has_mask):])))
+        recurrence = _Recurrence(self.step_fn, self.internal_step, inputs,
+                                 mask, program, self.options)
+        return recurrence.forward(initial_states)
+
+    def backward(self, residuals, cotangents, variables):
+        return _Gradient(residuals, cotangents, variables).run()
 
 
 def run_recurrence(
@@ -959,41 +1022,11 @@ def run_recurrence(
         `(outputs, final_states, forward_counts)`, the last an
         `ExecutionCounts` of the forward pass (backward fields zero).
     """
-    num_states = len(initial_states)
-    mask_args = [] if mask is None else [mask]
-    program_args = [getattr(program, n) for n in program_lib.EXECUTED_FIELDS]
-    options = (go_backwards, return_sequences, input_gradient)
-
-    @tf.custom_gradient
-    def recurrence(x, *args):
-        mask_tensor = args[0] if mask_args else None
-        rest = args[len(mask_args) :]
-        states0 = list(rest[:num_states])
-        program_in = program._replace(
-            **dict(zip(program_lib.EXECUTED_FIELDS, rest[num_states:]))
-        )
-        run = _Recurrence(
-            step_fn, internal_step, x, mask_tensor, program_in, options
-        )
-        outputs, final_states, forward_counts = run.forward(states0)
-
-        def grad_fn(d_outputs, *d_rest, variables=None):
-            carry = run.gradient(d_outputs, d_rest[:num_states], variables or [])
-            dx, var_grads = _report_gradients(run, carry, on_backward)
-            input_grads = (
-                [dx]
-                + [None] * len(mask_args)
-                + list(carry.d_register)
-                + [None] * len(program_args)
-            )
-            return input_grads, var_grads
-
-        return (outputs, *final_states, *forward_counts), grad_fn
-
-    results = recurrence(inputs, *mask_args, *initial_states, *program_args)
-    forward_steps, stored, stored_internal, stored_bytes = results[1 + num_states :]
-    zero = tf.zeros([], _COUNTER_DTYPE)
-    counts = ExecutionCounts(
-        forward_steps, zero, zero, stored, stored_internal, stored_bytes
+    executor = _StepExecutor(
+        step_fn, internal_step, program, mask is not None,
+        (go_backwards, return_sequences, input_gradient),
     )
-    return results[0], list(results[1 : 1 + num_states]), counts
+    return shell.differentiable_recurrence(
+        executor, inputs, initial_states, executor.extras(mask),
+        on_backward=on_backward,
+    )

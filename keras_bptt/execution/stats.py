@@ -118,7 +118,7 @@ class ExecutionStats:
         )
 
     def record_fused(self, counts):
-        """Assigns a fused execution's call counts (`FusedCallCounts`)."""
+        """Assigns a fused execution's call counts (`keras_bptt.execution.shell.KernelCalls`)."""
         return tf.group(
             self.fused["fused_forward_calls"].assign(counts.forward_calls),
             self.fused["fused_backward_calls"].assign(counts.backward_calls),

@@ -363,11 +363,11 @@ class MemoryBudgetRNN(keras.layers.RNN):
         self._reporting_metrics = self._reporting_metrics or changed
         return changed
 
-    def _record_backward(self, counts, fused=None):
+    def _record_backward(self, counts, kernel_calls=None):
         """The gradient function's counts: into the stats and the metrics."""
         updates = [self.execution_stats.record_backward(counts)]
-        if fused is not None:
-            updates.append(self.execution_stats.record_fused(fused))
+        if kernel_calls is not None:
+            updates.append(self.execution_stats.record_fused(kernel_calls))
         if self.recomputed_steps_metric is not None:
             self.recomputed_steps_metric.update_state(counts.recomputed_steps)
             self.peak_stored_slots_metric.update_state(counts.peak_stored_slots)
