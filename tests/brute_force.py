@@ -133,42 +133,24 @@ def _after_backward(state, stored_internal):
 # -- fused segments (`keras_bptt.planning.fused`) -------------------------------
 
 
-def fused_optimal_time(length, memory, costs, *, internal=False,
-                       max_segment=None):
+def fused_optimal_time(length, memory, costs, *, max_segment=None):
     """Least time of any run schedule of the fused-segment model that fits.
 
     A shortest-path search (Dijkstra: run times are real numbers) over all
     executions of the run model of `keras_bptt.planning.fused`, written from
-    that model's rules and sharing no code with its recursions. A search
-    state is (next step to backpropagate, register, whether the register's
-    forward call is still open, stored hidden states, kept segments). The
-    moves are the runs:
+    that model's rules and sharing no code with its recursion. A search
+    state is (next step to backpropagate, register, stored hidden states).
+    The moves are the runs:
 
     * advance the register any number of steps, short of the next step to
-      backpropagate (`call_forward + k * step_forward`; without the call
-      part when `costs.chained_advances` and the previous move was an advance
-      or a store after one);
+      backpropagate (`call_forward + k * step_forward`);
     * a leaf from the register to the next step to backpropagate, if its
       reserve fits beside everything stored (`call_forward + call_backward +
       k * (step_forward + step_backward)`);
-    * with `internal`: keep a segment of k steps from the register, short of
-      the next step to backpropagate (`call_forward + k * step_forward`), its
-      reserve (`k * reserve_units_per_step`) held until its backward; when
-      the reserve does not include the segment's input state
-      (`costs.reserve_includes_input` false) and that state is neither a
-      stored hidden state nor a kept segment's end, it is held too, one more
-      unit;
-    * the backward of the kept segment that ends at the next step to
-      backpropagate (`call_backward + k * step_backward`);
-    * store the register (one unit), restore any stored state or kept
-      segment's end state (free).
+    * store the register (one unit), restore any stored state (free).
 
     Items are dropped as soon as they are useless (the paper's model): a
-    hidden state h_j once step j+1 is backpropagated, a kept segment by its
-    backward. A leaf or a kept segment never overlaps a kept segment (it
-    starts at or after the latest kept segment's end), and a state before
-    that end is never restored while the segment is kept: either would only
-    redo work that the kept end state saves.
+    hidden state h_j once step j+1 is backpropagated.
 
     Args:
         length: Sequence length t (small: the search is exponential).
@@ -176,9 +158,7 @@ def fused_optimal_time(length, memory, costs, *, internal=False,
             stored).
         costs: A `keras_bptt.planning.fused.SegmentCosts` (read by
             attribute).
-        internal: Whether segments may be kept (the segment analogue of MSM);
-            otherwise leaves only (HSM with fused leaves).
-        max_segment: Longest leaf or kept segment, in steps (None: any).
+        max_segment: Longest leaf, in steps (None: any).
 
     Returns:
         The least time, or `None` if no schedule fits.
@@ -190,15 +170,13 @@ def fused_optimal_time(length, memory, costs, *, internal=False,
     call_b, step_b = costs.call_backward, costs.step_backward
     reserve = costs.reserve_units_per_step
     transient = costs.last_step_transient
-    with_input = costs.reserve_includes_input
-    chained = costs.chained_advances
     longest = length if max_segment is None else max_segment
     limit = memory + 1e-9
 
     def leaf_units(k):
         return (k - 1 if transient else k) * reserve
 
-    start = (length, 0, False, frozenset((0,)), ())
+    start = (length, 0, frozenset((0,)))
     best = {start: 0.0}
     order = itertools.count()
     heap = [(0.0, next(order), start)]
@@ -206,49 +184,27 @@ def fused_optimal_time(length, memory, costs, *, internal=False,
         time, _, state = heapq.heappop(heap)
         if time > best[state]:
             continue
-        pending, register, is_open, hidden, kept = state
+        pending, register, hidden = state
         if pending == 0:
             return time
-        used = len(hidden) + sum(units for _, _, units in kept)
-        kept_end = max((a + k for a, k, _ in kept), default=0)
+        used = len(hidden)
         moves = []
         if register is not None:
-            call = 0.0 if (chained and is_open) else call_f
             for k in range(1, pending - register):
-                moves.append((call + k * step_f,
-                              (pending, register + k, True, hidden, kept)))
+                moves.append((call_f + k * step_f,
+                              (pending, register + k, hidden)))
             k = pending - register
             if k <= longest and used + leaf_units(k) <= limit:
                 moves.append((
                     call_f + call_b + k * (step_f + step_b),
-                    (register, None, False,
-                     frozenset(j for j in hidden if j < register), kept),
+                    (register, None,
+                     frozenset(j for j in hidden if j < register)),
                 ))
-            if internal:
-                ends = {a + k for a, k, _ in kept}
-                own = not with_input and register not in hidden | ends
-                for k in range(1, min(longest, pending - 1 - register) + 1):
-                    units = k * reserve + own
-                    if used + units <= limit:
-                        moves.append((
-                            call_f + k * step_f,
-                            (pending, register + k, False, hidden,
-                             kept + ((register, k, units),)),
-                        ))
             if register < pending and register not in hidden and used + 1 <= limit:
-                moves.append((0.0, (pending, register, is_open,
-                                    hidden | {register}, kept)))
-        for source in hidden | {a + k for a, k, _ in kept}:
-            if source != register and source >= kept_end:
-                moves.append((0.0, (pending, source, False, hidden, kept)))
-        for index, (a, k, _) in enumerate(kept):
-            if a + k == pending:
-                moves.append((
-                    call_b + k * step_b,
-                    (a, register if register is not None and register < a
-                     else None, False, frozenset(j for j in hidden if j < a),
-                     kept[:index] + kept[index + 1:]),
-                ))
+                moves.append((0.0, (pending, register, hidden | {register})))
+        for source in hidden:
+            if source != register:
+                moves.append((0.0, (pending, source, hidden)))
         for move_time, successor in moves:
             total = time + move_time
             known = best.get(successor)

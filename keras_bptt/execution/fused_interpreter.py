@@ -2,9 +2,9 @@
 
 Documented in `docs/executor.md` ("The fused run interpreter") and `docs/cost-model.md`.
 
-Interprets a `keras_bptt.planning.fused.FusedPlan` (leaves only,
-`"fused_hsm"`) with a segment kernel of `keras_bptt.execution.fused_kernels`,
-as an executor of the gradient shell (`keras_bptt.execution.shell`), like
+Interprets a `keras_bptt.planning.fused.FusedPlan` (`"fused_hsm"`) with a
+segment kernel of `keras_bptt.execution.fused_kernels`, as an executor of
+the gradient shell (`keras_bptt.execution.shell`), like
 `keras_bptt.execution.interpreter`:
 
 * Its forward pass runs the plan's first sweep -- the runs before its first
@@ -33,9 +33,7 @@ Limitations (the layer falls back to `keras_bptt.execution.interpreter`, with id
 results, in each case):
 
 * the sequence length must be known when tracing (the plan is a constant);
-* no masks, no dropout (see `keras_bptt.execution.fused_kernels.fusion_problem`);
-* plans with kept segments (`"fused_msm"`) and chained advances are not
-  executed: `run_fused_recurrence` rejects them.
+* no masks, no dropout (see `keras_bptt.execution.fused_kernels.fusion_problem`).
 """
 
 import dataclasses
@@ -49,7 +47,8 @@ from keras_bptt.execution import interpreter as executor_lib
 from keras_bptt.execution import shell
 
 _COUNTER = tf.int64
-# The run opcodes this executor interprets, and each one's branch index.
+# The run opcodes this executor interprets (all of the planner's: a test
+# checks), and each one's branch index.
 _BRANCH_OPCODES = (
     planner_fused.ADVANCE, planner_fused.LEAF, planner_fused.STORE,
     planner_fused.RESTORE, planner_fused.FREE,
@@ -119,12 +118,11 @@ def predicted_seconds(fused_plan, extra_calls):
 def split_sweep(fused_plan, runs=None):
     """Splits a `FusedPlan`'s runs (or `runs`) at the first `LEAF`."""
     runs = np.asarray(fused_plan.runs if runs is None else runs, np.int32)
-    unsupported = set(runs[:, 0].tolist()) - _EXECUTABLE
-    if unsupported:
-        names = sorted(planner_fused.RUN_NAMES[o] for o in unsupported)
+    unknown = set(runs[:, 0].tolist()) - _EXECUTABLE
+    if unknown:
         raise ValueError(
-            f"The fused executor runs leaves-only plans; this plan has {names} "
-            "runs. Plan with internal=False and chained_advances=False."
+            f"Run opcodes {sorted(unknown)} are not run opcodes of "
+            f"keras_bptt.planning.fused ({planner_fused.RUN_NAMES})."
         )
     first = int(np.flatnonzero(runs[:, 0] == planner_fused.LEAF)[0])
     forward = runs[:first]
@@ -272,7 +270,7 @@ def run_fused_recurrence(kernel, inputs, initial_states, fused_plan, *,
         kernel: A segment kernel (`keras_bptt.execution.fused_kernels.BlockLSTMKernel`, ...).
         inputs: `[batch, t, features]`, t static and equal to the plan's.
         initial_states: The cell's states, a flat list of `[batch, units]`.
-        fused_plan: A leaves-only `FusedPlan` for t.
+        fused_plan: A `FusedPlan` for t.
         runs: The runs to execute, if not the plan's own (`bound_advances`).
         go_backwards, return_sequences: As `keras.layers.RNN`.
         input_gradient: Whether the gradient of `inputs` is needed.

@@ -157,11 +157,26 @@ def _validate_fused(fused, scheme, cell):
     return fused
 
 
+# SegmentCosts fields that 0.3.0 removed with kept segments and chained
+# advances (planned, never executed). Configs saved before, 0.2.0's
+# included, store them in `segment_costs`; they still load, the keys dropped.
+_REMOVED_SEGMENT_COSTS_FIELDS = ("reserve_includes_input", "chained_advances")
+
+
 def _segment_costs(costs):
     if costs is None or isinstance(costs, planner_fused.SegmentCosts):
         return costs
     if isinstance(costs, dict):
-        return planner_fused.SegmentCosts(**costs)
+        fields = {key: value for key, value in costs.items()
+                  if key not in _REMOVED_SEGMENT_COSTS_FIELDS}
+        known = [f.name for f in dataclasses.fields(planner_fused.SegmentCosts)]
+        unknown = sorted(set(fields) - set(known), key=str)
+        if unknown:
+            raise ValueError(
+                f"segment_costs has unknown fields {unknown}; the fields of "
+                f"keras_bptt.planning.fused.SegmentCosts are {known}."
+            )
+        return planner_fused.SegmentCosts(**fields)
     raise ValueError(
         f"segment_costs={costs!r}; expected None (calibrate on the device), a "
         "keras_bptt.planning.fused.SegmentCosts or a dict of its fields."

@@ -1,9 +1,10 @@
 """Implements launch-aware BPTT planning for fused segments of steps.
 
-Documented in `docs/cost-model.md` (launch-aware model, runs, recursions).
+Documented in `docs/cost-model.md` (launch-aware model, runs, recursion).
 
-(Schemes `"fused_hsm"` and `"fused_msm"`; not wired into
-`keras_bptt.planning.planner`. The layer plans and runs `"fused_hsm"` only.)
+(Scheme `"fused_hsm"`, the paper's HSM with fused leaves; not wired into
+`keras_bptt.planning.planner`. The layer plans with it and runs its plans
+with `keras_bptt.execution.fused_interpreter`.)
 
 The storage model is that of
 
@@ -28,96 +29,65 @@ forward keeps for its backward (cuDNN's reserve space per step divided by
 the bytes of one hidden state; for a step loop r = alpha). The runs:
 
 * `ADVANCE(s, k)`: one forward call of k steps from h_s (in the register),
-  keeping nothing: `A_f + k f`. `CONTINUE(s, k)` (only with
-  `chained_advances`): the same, in the call of the preceding advance (only
-  stores in between), so the call can store states at several of its
-  steps: `k f`.
+  keeping nothing: `A_f + k f`.
 * `LEAF(s, k)`: one training forward of steps s+1..s+k from the register,
   keeping its reserve, then one fused backward of those steps: `A_f + A_b +
   k (f + b)`. While it runs it holds `leaf_units(k) = k r` beside what is
   stored (`(k - 1) r` with `last_step_transient`, a step loop's convention:
   the internal state of the step just computed is not charged).
-* `FORWARD_KEEP(s, k)` and, later, `BACKWARD_KEPT(s, k)` (the MSM analogue,
-  `internal=True`): the same two calls apart, the reserve (`k r` units) held
-  in between, while the steps after s+k are backpropagated. The reserve
-  holds the segment's output states, so h_{s+k} can be restored from it
-  (`RESTORE_RESERVE`), as a step loop's internal state s_i contains h_i.
 * `STORE`, `RESTORE`, `FREE` of hidden states, one unit each, free of time.
 
 The backward work `t b` is the same in every plan; plans differ in forward
 steps and calls. The register (the state the next call reads) is not
-charged, as in the step model.
+charged, as in the step model. A leaf's backward needs its input state
+too: that is the register, which stays put from the leaf's forward to its
+backward right after, so it costs nothing more.
 
-A segment's backward needs its input state too. A leaf's input is either
-the sub-problem's stored start or the register, which stays put until the
-leaf's backward right after. A kept segment's input must outlive the
-register: it is the stored start or a kept segment's end state, or, when
-`reserve_includes_input` (a step loop's internal states contain what step i
-needs of h_{i-1}), any state. Keeping a segment from an unstored state would
-otherwise hold that state besides, one more unit: exactly a hidden split
-followed by a segment at the stored start, which the recursions below have.
-
-Recursions
-----------
+Recursion
+---------
 `C(n, m)`: least time to backpropagate n steps whose start state is stored
 (or restorable), with m units free, the start's unit included (the
 paper's convention); `C(0, m) = 0`. `leaf(n) = A_f + A_b + n (f + b)`,
 allowed where `1 + leaf_units(n) <= m` -- the 1 is the sub-problem's start
 (stored) or, for a leaf from the register, the parent's start, which is
-still stored; the leaf's own input costs nothing more. `E(n, m)` is the
-best plan that starts with a segment at the start:
+still stored; the leaf's own input costs nothing more:
 
 ```
-E(n, m) = min( leaf(n)                                      [fits],
-               min_{1<=k<n, m - k r >= 1}                   # keep s+1..s+k
-                   A_f + A_b + k (f + b) + C(n - k, m - k r) )   [internal]
-Reg(n, m) = E(n, m) if internal and reserve_includes_input else leaf(n)
-Cc(n, m)  = C(n, m) if not chained_advances, else
-          = min( E(n, m), min_{1<=y<n} y f + G(n - y, m) + C(y, m) )
-G(j, m)   = min( Cc(j, m - 1) [m >= 2],  Reg(j, m) )
-C(n, m)   = min( E(n, m),
-                 min_{1<=y<n} A_f + y f + G(n - y, m) + C(y, m) )
+C(n, m) = min( leaf(n)                                          [fits],
+               min_{1<=y<n} A_f + y f + G(n - y, m) + C(y, m) )
+G(j, m) = min( C(j, m - 1)  [m >= 2],  leaf(j)  [fits in m] )
 ```
 
-A split advances y steps from the start, then solves the right part: either
-store h_{s+y} (one unit) and solve it with `m - 1` (`Cc`: its first advance
-may continue this call), or run it at once from the register (`Reg`: a
-leaf, or any segment when the reserve holds its input) -- then solves the
-left part (steps s+1..s+y, the start restored) with m. With leaves only
-(`internal=False`) E is `leaf(n)` where it fits: HSM with fused leaves.
+A split advances y steps from the start, then solves the right part:
+either store h_{s+y} (one unit) and solve it with `m - 1`, or run it at
+once as a leaf from the register -- then solves the left part (steps
+s+1..s+y, the start restored) with m: the paper's HSM with fused leaves.
 `leaf(n)` is a lower bound of any plan (every step forwarded and
 backpropagated once, one call each), so where it fits it is the answer.
 
 Changes from the starting formulation (`C = min(leaf, A_f + y f + C(t-y,
 m-1) + C(y, m), A_f + y f + leaf(t-y) + C(y, m))`): the leaf's memory check
 includes the start's unit (a leaf from the register is checked against the
-parent's m, one unit more than a stored h_y would leave it), `leaf_units`
-may leave the last step transient, kept segments add E's second line, and
-`chained_advances` the continued call. Checks: with `A = 0, f = 1, b = 0`
-and segments of one step (`max_segment=1`) C is the paper's HSM cost; with
-`SegmentCosts.step_loop(alpha)` (`A = 0`, r = alpha, the step-loop
-conventions) `internal=True` gives the paper's MSM cost R(t, m), leaves only
-lie between R and HSM; and both equal an exhaustive search of the run model
-(`brute_force.fused_optimal_time`) for small t, with and without
-call costs (tests/planning/test_fused_planner.py).
+parent's m, one unit more than a stored h_y would leave it), and
+`leaf_units` may leave the last step transient. Checks: with `A = 0, f = 1,
+b = 0` and leaves of one step (`max_segment=1`) C is the paper's HSM cost;
+with `SegmentCosts.step_loop(alpha)` (`A = 0`, r = alpha, the step-loop
+conventions) and leaves of any length it lies between the paper's MSM cost
+R(t, m) and HSM's; and it equals an exhaustive search of the run model
+(`brute_force.fused_optimal_time`) for small t, with and without call
+costs (tests/planning/test_fused_planner.py).
 
-Memory grid
------------
-With leaves only, memory values are the budget minus whole hidden states,
-so columns are `u` hidden slots with `u + frac(M)` real units and the leaf
-check is exact. Kept reserves make memory real-valued, so `internal=True`
-plans in units of 1/g slot (`_choose_grid`): a hidden state takes g units,
-a kept segment of k steps `ceil(g k r)`, the budget `floor(g M)`; the leaf
-check still uses the real units left (`u / g + M - floor(g M) / g`, never
-more than what is really free). Plans never exceed the budget; with a
-non-integer `g r` they can cost a little more than exact accounting would.
+Memory
+------
+Memory values are the budget minus whole hidden states, so the tables'
+columns are `u` hidden slots with `u + frac(M)` real units (`residual`),
+and the leaf check is exact for any real r and budget.
 
 Filling the tables
 ------------------
-`_FusedTable._fill` fills C, E and the split values row by row (n
-ascending), vectorised over the memory columns and the split y. A cell where
-the leaf fits is the leaf's time, the lower bound, with no search. The
-other cells:
+`_FusedTable._fill` fills C and the split values row by row (n ascending),
+vectorised over the memory columns and the split y. A cell where the leaf
+fits is the leaf's time, the lower bound, with no search. The other cells:
 
 * Pruning. `_bound` computes an upper bound B of C(t, M): the best
   two-level plan's time, or for t above `_COARSE_ROWS` rows also the optimum
@@ -134,18 +104,17 @@ other cells:
   lie in earlier rows are evaluated for the whole tile at once
   (`_tile_splits`, reading each earlier row once per tile rather than once
   per row), the few others row by row (`_split_range`).
-* E's kept segments (`_fill_segments`): one gather per row from offsets
-  computed once (`_kept_offsets`).
 
-Plans are backtracked from the tables (`_FusedTable.action` for C and Cc,
-`_FusedTable.segment_action` for E) and emitted as runs (`_emit_runs`),
-then expanded to a step-level `keras_bptt.planning.plan.Plan` (`_expand_runs`) that
-`keras_bptt.planning.simulator.simulate` checks; `keras_bptt.planning.simulator.simulate_runs`
-checks the runs themselves (run-level memory, order, time, calls).
+Plans are backtracked from the tables (`_FusedTable.action`) and emitted as
+runs (`_emit_runs`), then expanded to a step-level
+`keras_bptt.planning.plan.Plan` (`_expand_runs`) that
+`keras_bptt.planning.simulator.simulate` checks;
+`keras_bptt.planning.simulator.simulate_runs` checks the runs themselves
+(run-level memory, order, time, calls).
 
 What the plans look like
 ------------------------
-With zero call times the recursions return the paper's trees (and its
+With zero call times the recursion returns the paper's trees (and its
 costs, above). With GPU-like costs (calls 100 times a step) and room for
 about sqrt(t r) states, the plan is Chen's two levels with the segment
 length set by the budget: a sweep storing states, then leaves as long as
@@ -157,27 +126,28 @@ forward calls against 625 for the zero-call-time optimum).
 
 Known limitations
 -----------------
-* `O(t^2 u)` time at worst and `5 (t + 1) (u + 1)` floats, u the memory
-  columns (slots, or g per slot with kept segments). Pruning skips about
-  60% of the work for GPU-like costs and a third without call times; no
-  bound on the optimal split is proven (C is not convex in n: the leaf
-  limit makes it jump), so every finite split of a searched cell is tried.
-  Measured on a 2-core machine shared with other jobs (CPU time of
-  `make_fused_plan`, wall time about twice that): t=1000 with 50 slots
-  0.13-0.21 s; t=12000 with 120 slots 9-11 s for GPU-like costs, 13 s
-  without call times. `tests/planning/test_fused_planner.py` has no timing asserts.
+* `O(t^2 u)` time at worst and `4 (t + 1) (u + 1)` floats, u the memory
+  slots. Pruning skips about 60% of the work for GPU-like costs and a
+  third without call times; no bound on the optimal split is proven (C is
+  not convex in n: the leaf limit makes it jump), so every finite split of
+  a searched cell is tried. Measured on a 2-core machine shared with other
+  jobs (CPU time of `make_fused_plan`, wall time about twice that): t=1000
+  with 50 slots 0.13-0.21 s; t=12000 with 120 slots 9-11 s for GPU-like
+  costs, 13 s without call times. `tests/planning/test_fused_planner.py`
+  has no timing asserts.
+* Leaves only. A segment whose reserve is kept while later steps are
+  backpropagated (the segment analogue of MSM), and one forward call that
+  stores states at several of its steps, were planned before 0.3.0 but
+  never executed, and were removed (`docs/cost-model.md`).
 * Items are kept until their sub-problem ends (the paper's model; no early
   release as in `msm_early`).
 * Times are float64 sums: plans are optimal up to rounding. Ties are
-  broken towards a segment at the start, then the shortest advance, then
-  a right part from the register rather than from a stored state. With
-  zero call times ties abound and the plan may use many short runs (kept
-  segments of one step, like MSM's); a small call time prefers fewer.
+  broken towards a leaf over the whole sub-problem, then the shortest
+  advance, then a right part from the register rather than from a stored
+  state. With zero call times ties abound and the plan may use many short
+  runs; a small call time prefers fewer.
 * The cost is a prediction from a linear model of call time; calibrate
   `SegmentCosts` on the device, per cell and shape.
-* `chained_advances` assumes a forward call can write the states at chosen
-  steps to checkpoint buffers without holding its whole output sequence
-  (a compiled loop can; cuDNN returns only the last c of an LSTM).
 * The step-level `Plan` of a fused plan charges a leaf `(k - 1) r` units
   (the step model's transient last step) even when the fused kernel holds
   `k r`; `FusedPlan.peak_memory` is the run-level peak.
@@ -193,58 +163,38 @@ import numpy as np
 from keras_bptt.planning import schedule
 from keras_bptt.planning import plan as plan_lib
 
-SCHEMES = ("fused_hsm", "fused_msm")
+SCHEME = "fused_hsm"
 
 # Run opcodes: rows `(opcode, start, length, slot)` of `FusedPlan.runs`.
 #
-# | opcode            | meaning                                                |
-# |-------------------|--------------------------------------------------------|
-# | `ADVANCE`         | register holds h_start: one forward call of `length`   |
-# |                   | steps, keeping nothing; register := h_{start+length}.  |
-# | `CONTINUE`        | as ADVANCE, in the call of the preceding ADVANCE or    |
-# |                   | CONTINUE (only STOREs in between; chained_advances).   |
-# | `LEAF`            | register holds h_start: training forward of steps      |
-# |                   | start+1..start+length, then their fused backward;      |
-# |                   | start+length is the next step to backpropagate.        |
-# | `FORWARD_KEEP`    | as LEAF's forward, the reserve kept in reserve slot    |
-# |                   | `slot`; register := h_{start+length}.                  |
-# | `BACKWARD_KEPT`   | fused backward of the segment in reserve slot `slot`   |
-# |                   | (start, length), which it frees.                       |
-# | `STORE`           | hidden slot `slot` := the register (h_start).          |
-# | `RESTORE`         | register := hidden slot `slot` (h_start).              |
-# | `RESTORE_RESERVE` | register := h_start, the end state of the segment in   |
-# |                   | reserve slot `slot`.                                   |
-# | `FREE`            | free hidden slot `slot` (h_start).                     |
+# | opcode    | meaning                                                  |
+# |-----------|----------------------------------------------------------|
+# | `ADVANCE` | register holds h_start: one forward call of `length`     |
+# |           | steps, keeping nothing; register := h_{start+length}.    |
+# | `LEAF`    | register holds h_start: training forward of steps        |
+# |           | start+1..start+length, then their fused backward;        |
+# |           | start+length is the next step to backpropagate.          |
+# | `STORE`   | hidden slot `slot` := the register (h_start).            |
+# | `RESTORE` | register := hidden slot `slot` (h_start).                |
+# | `FREE`    | free hidden slot `slot` (h_start).                       |
 #
-# `length` is 0 for the last four. Plans start with `STORE 0 0 0` (h_0) and
+# `length` is 0 for the last three. Plans start with `STORE 0 0 0` (h_0) and
 # end with `FREE 0 0 0`; slots are reused last-in first-out.
 ADVANCE = 0
-CONTINUE = 1
-LEAF = 2
-FORWARD_KEEP = 3
-BACKWARD_KEPT = 4
-STORE = 5
-RESTORE = 6
-RESTORE_RESERVE = 7
-FREE = 8
+LEAF = 1
+STORE = 2
+RESTORE = 3
+FREE = 4
 
 RUN_NAMES = {
     ADVANCE: "ADVANCE",
-    CONTINUE: "CONTINUE",
     LEAF: "LEAF",
-    FORWARD_KEEP: "FORWARD_KEEP",
-    BACKWARD_KEPT: "BACKWARD_KEPT",
     STORE: "STORE",
     RESTORE: "RESTORE",
-    RESTORE_RESERVE: "RESTORE_RESERVE",
     FREE: "FREE",
 }
 
 _TOLERANCE = 1e-9
-_GRIDS = range(1, 9)
-_GRID_ROUNDING = 0.03
-# Finer grids only while the table stays this small (split evaluations).
-_GRID_WORK_LIMIT = 3 * 10**8
 # Split evaluations per NumPy call (a float64 scratch buffer of 1 MiB).
 _SCRATCH_SIZE = 2**17
 # Rows filled together, and columns per block (`_FusedTable._fill`).
@@ -277,14 +227,7 @@ class SegmentCosts:
             alpha for a step loop).
         last_step_transient: Whether a leaf's last step is not charged (the
             step model's convention for the step just computed): a leaf of
-            k steps then holds `(k - 1) r`, else `k r`. Kept segments always
-            hold `k r`.
-        reserve_includes_input: Whether a segment's reserve holds what its
-            backward needs of its input state (a step loop's internal
-            states do); otherwise a kept segment starts only from a state
-            that stays stored (module docstring).
-        chained_advances: Whether one forward call may store states at
-            several of its steps (`CONTINUE` runs).
+            k steps then holds `(k - 1) r`, else `k r`.
     """
 
     call_forward: float
@@ -293,8 +236,6 @@ class SegmentCosts:
     step_backward: float
     reserve_units_per_step: float
     last_step_transient: bool = False
-    reserve_includes_input: bool = False
-    chained_advances: bool = False
 
     def __post_init__(self):
         for field in ("call_forward", "step_forward", "call_backward",
@@ -313,7 +254,7 @@ class SegmentCosts:
         paper's cost.
         """
         return cls(0.0, step_forward, 0.0, step_backward, alpha,
-                   last_step_transient=True, reserve_includes_input=True)
+                   last_step_transient=True)
 
     def leaf_units(self, steps):
         """Units a leaf of `steps` steps holds while it runs."""
@@ -331,16 +272,16 @@ class FusedPlan:
     """A plan of runs for one sequence length, and its step-level `Plan`.
 
     Attributes:
-        scheme: `"fused_hsm"` (leaves only) or `"fused_msm"` (kept segments).
+        scheme: `"fused_hsm"` (`SCHEME`).
         length: Sequence length t.
         memory: The budget, in hidden-state units (h_0 included).
         costs: The `SegmentCosts` it was planned for.
         time: Predicted time (`predicted_time(self, costs)`).
         forward_steps: Forward step evaluations (first pass included).
         forward_calls, backward_calls: Calls of each kind.
-        peak_memory: Peak units of the run model (reserves included).
-        hidden_slots, reserve_slots: Buffers an executor needs.
-        grid: Memory units per slot the plan was made on.
+        peak_memory: Peak units of the run model (a running leaf's reserve
+            included).
+        hidden_slots: Hidden-state buffers an executor needs.
         runs: `int32` array `(n, 4)` of `(opcode, start, length, slot)`.
         plan: The same schedule as a step-level `keras_bptt.planning.plan.Plan`
             (alpha = r).
@@ -356,8 +297,6 @@ class FusedPlan:
     backward_calls: int
     peak_memory: float
     hidden_slots: int
-    reserve_slots: int
-    grid: int
     runs: np.ndarray = dataclasses.field(repr=False)
     plan: plan_lib.Plan = dataclasses.field(repr=False)
 
@@ -366,10 +305,8 @@ class FusedPlan:
         lines = []
         for opcode, start, steps, slot in self.runs.tolist():
             name = RUN_NAMES[opcode]
-            if opcode in (ADVANCE, CONTINUE, LEAF):
+            if opcode in (ADVANCE, LEAF):
                 lines.append(f"{name} {start} +{steps}")
-            elif opcode in (FORWARD_KEEP, BACKWARD_KEPT):
-                lines.append(f"{name} {start} +{steps} [{slot}]")
             else:
                 lines.append(f"{name} h_{start} [{slot}]")
         return lines
@@ -386,8 +323,7 @@ def min_memory(costs):
     return 1.0 + costs.leaf_units(1)
 
 
-def fused_time(length, memory, costs, *, internal=False, max_segment=None,
-               grid=None):
+def fused_time(length, memory, costs, *, max_segment=None):
     """Predicted time of the optimal plan, without building it.
 
     Arguments are those of `make_fused_plan`.
@@ -398,13 +334,11 @@ def fused_time(length, memory, costs, *, internal=False, max_segment=None,
     >>> round(fused_time(1000, 50, gpu), 2)
     100.58
     """
-    table, units = _table(*_validated(length, memory, costs, internal,
-                                      max_segment, grid))
+    table, units = _table(*_validated(length, memory, costs, max_segment))
     return float(table.cost[length, units])
 
 
-def make_fused_plan(length, memory, costs, *, internal=False,
-                    max_segment=None, grid=None):
+def make_fused_plan(length, memory, costs, *, max_segment=None):
     """Plans backpropagation through `length` steps with fused runs.
 
     Args:
@@ -412,13 +346,8 @@ def make_fused_plan(length, memory, costs, *, internal=False,
         memory: Budget in hidden-state units, h_0 included; `None` or
             `math.inf` for unlimited.
         costs: A `SegmentCosts`.
-        internal: Whether segments may be kept while later steps are
-            backpropagated (`"fused_msm"`); otherwise leaves only
-            (`"fused_hsm"`).
-        max_segment: Longest leaf or kept segment in steps (None: any), for
-            kernels with a length limit; 1 gives the step model's schemes.
-        grid: Memory units per slot with `internal` (None: `_choose_grid`);
-            ignored without it (leaves only plan exactly).
+        max_segment: Longest leaf in steps (None: any), for kernels with a
+            length limit; 1 gives the step model's HSM.
 
     Returns:
         A `FusedPlan`. Plans are cached: the same arguments return the same
@@ -441,13 +370,12 @@ def make_fused_plan(length, memory, costs, *, internal=False,
     memory_key = math.inf if memory is None else memory
     if isinstance(memory_key, numbers.Real) and not isinstance(memory_key, bool):
         memory_key = float(memory_key)
-    return _cached_plan(length, memory_key, costs, bool(internal), max_segment,
-                        grid)
+    return _cached_plan(length, memory_key, costs, max_segment)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(length, memory, costs, internal, max_segment, grid):
-    problem = _validated(length, memory, costs, internal, max_segment, grid)
+def _cached_plan(length, memory, costs, max_segment):
+    problem = _validated(length, memory, costs, max_segment)
     table, units = _table(*problem)
     runs = _emit_runs(table, length, units)
     ops = _expand_runs(runs)
@@ -455,16 +383,15 @@ def _cached_plan(length, memory, costs, internal, max_segment, grid):
         ops, costs.reserve_units_per_step)
     ops.setflags(write=False)
     runs.setflags(write=False)
-    scheme = SCHEMES[internal]
     step_plan = plan_lib.Plan(
-        scheme=scheme, length=length, memory=memory,
+        scheme=SCHEME, length=length, memory=memory,
         alpha=costs.reserve_units_per_step, cost=forward_ops,
         peak_memory=peak, hidden_slots=hidden_slots,
         internal_slots=internal_slots, ops=ops)
     return FusedPlan(
-        scheme=scheme, length=length, memory=memory, costs=costs,
-        time=float(table.cost[length, units]), grid=table.grid, runs=runs,
-        plan=step_plan, **_run_statistics(runs, costs))
+        scheme=SCHEME, length=length, memory=memory, costs=costs,
+        time=float(table.cost[length, units]), runs=runs, plan=step_plan,
+        **_run_statistics(runs, costs))
 
 
 def predicted_time(plan, costs):
@@ -485,14 +412,13 @@ def predicted_time(plan, costs):
     if isinstance(plan, FusedPlan):
         runs = np.asarray(plan.runs, dtype=np.int64)
         opcodes, steps = runs[:, 0], runs[:, 2]
-        call_f = np.isin(opcodes, (ADVANCE, LEAF, FORWARD_KEEP))
-        call_b = np.isin(opcodes, (LEAF, BACKWARD_KEPT))
-        step_f = np.isin(opcodes, (ADVANCE, CONTINUE, LEAF, FORWARD_KEEP))
+        forward = np.isin(opcodes, (ADVANCE, LEAF))
+        backward = opcodes == LEAF
         return float(
-            c.call_forward * np.count_nonzero(call_f)
-            + c.call_backward * np.count_nonzero(call_b)
-            + c.step_forward * int(steps[step_f].sum())
-            + c.step_backward * int(steps[call_b].sum()))
+            c.call_forward * np.count_nonzero(forward)
+            + c.call_backward * np.count_nonzero(backward)
+            + c.step_forward * int(steps[forward].sum())
+            + c.step_backward * int(steps[backward].sum()))
     opcodes = np.asarray(plan.ops)[:, 0]
     forward = np.count_nonzero(opcodes <= plan_lib.FORWARD_STORE_INTERNAL)
     backward = np.count_nonzero(
@@ -504,16 +430,14 @@ def predicted_time(plan, costs):
 # -- the tables ----------------------------------------------------------------
 
 
-def _validated(length, memory, costs, internal, max_segment, grid):
-    """Checked, normalised `(t, memory, costs, internal, longest, grid)`.
+def _validated(length, memory, costs, max_segment):
+    """Checked, normalised `(t, memory, costs, longest)`.
 
     The memory is capped where more cannot help (so that an unlimited
-    budget makes a finite table): one leaf over all steps; with a segment
-    limit L, the plans that reach the lower bounds of time (every step
-    forwarded at most twice, `ceil(t / L)` segments) -- with leaves only
-    the two-level plan, `ceil(t / L)` states and a leaf of L steps, with
-    kept segments every segment kept, `t r` units and up to one grid unit
-    of rounding per segment.
+    budget makes a finite table): one leaf over all steps; with a leaf
+    limit L, the two-level plan that reaches the lower bound of time (every
+    step forwarded at most twice, `ceil(t / L)` leaves): `ceil(t / L)`
+    states and a leaf of L steps.
     """
     if isinstance(length, bool) or not isinstance(length, numbers.Integral) or (
             length < 1):
@@ -526,11 +450,11 @@ def _validated(length, memory, costs, internal, max_segment, grid):
     if isinstance(memory, bool) or not isinstance(memory, numbers.Real) or (
             math.isnan(memory)):
         raise ValueError(f"memory must be a number of units, got {memory!r}.")
-    for name, value in (("max_segment", max_segment), ("grid", grid)):
-        if value is not None and (
-                isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                or value < 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    if max_segment is not None and (
+            isinstance(max_segment, bool)
+            or not isinstance(max_segment, numbers.Integral) or max_segment < 1):
+        raise ValueError(
+            f"max_segment must be an integer >= 1, got {max_segment!r}.")
     needed = min_memory(costs)
     if memory < needed - _TOLERANCE:
         raise ValueError(
@@ -539,80 +463,49 @@ def _validated(length, memory, costs, internal, max_segment, grid):
             f"step: the smallest budget that works is {needed:g} units (h_0 "
             "and a one-step leaf).")
     longest = length if max_segment is None else min(int(max_segment), length)
-    internal = bool(internal)
     segments = -(-length // longest)
     if segments == 1:
         enough = 1.0 + costs.leaf_units(length)
-    elif internal:
-        enough = 2.0 + length * costs.reserve_units_per_step + segments
     else:
         enough = 2.0 + segments + costs.leaf_units(longest)
-    memory = min(float(memory), enough)
-    if not internal:
-        grid = 1
-    elif grid is None:
-        grid = _choose_grid(length, memory, costs)
-    return length, memory, costs, internal, longest, int(grid)
+    return length, min(float(memory), enough), costs, longest
 
 
-def _table(length, memory, costs, internal, longest, grid):
+def _table(length, memory, costs, longest):
     """`(_FusedTable, memory column of the problem)` for validated arguments."""
-    table = _cached_table(length, memory, costs, internal, longest, grid)
+    table = _cached_table(length, memory, costs, longest)
     return table, table.units
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_table(length, memory, costs, internal, longest, grid):
-    return _FusedTable(length, memory, costs, internal, longest, grid)
-
-
-def _choose_grid(length, memory, costs):
-    """Units per slot for kept segments: r rounded up by at most 3% if cheap.
-
-    The smallest grid in 1..8 whose rounding of one step's reserve
-    (`ceil(g r) / (g r)`) is within `_GRID_ROUNDING`, else the most accurate
-    one; a coarser one when the table would take more than
-    `_GRID_WORK_LIMIT` split evaluations (about `g M t^2 / 2`).
-    """
-    r = costs.reserve_units_per_step
-    if r == 0:
-        return 1
-    rounding = {g: math.ceil(g * r - _TOLERANCE) / (g * r) - 1 for g in _GRIDS}
-    wanted = next((g for g in _GRIDS if rounding[g] <= _GRID_ROUNDING),
-                  min(_GRIDS, key=lambda g: (rounding[g], g)))
-    for g in sorted((g for g in _GRIDS if g <= wanted),
-                    key=lambda g: (rounding[g], g)):
-        if g * memory * length * length / 2 <= _GRID_WORK_LIMIT:
-            return g
-    return 1
+def _cached_table(length, memory, costs, longest):
+    return _FusedTable(length, memory, costs, longest)
 
 
 class _FusedTable:
-    """C, E and the split values of the recursions (module docstring).
+    """C and the split values of the recursion (module docstring).
 
     Arrays of shape `(length + 1, units + 1)`, `[n, u]` for n steps with u
-    memory units free (the start's `hidden` units included); infeasible
-    and skipped cells (`_bound`) are `inf`:
+    hidden slots free (the start's included); infeasible and skipped cells
+    (`_bound`) are `inf`:
 
     * `cost[n, u]` = C(n, u);
-    * `segment[n, u]` = E(n, u);
-    * `split[n, u]` = `min_y y f + G(n - y, u) + C(y, u)` (no call time);
+    * `split[n, u]` = `min_y y f + G(n - y, u) + C(y, u)` (no call time),
+      searched cells only;
     * `left[y, u]` = `y f + C(y, u)`, and `right_reversed[length - j, u]` =
       G(j, u), the two halves of a split, laid out so that the splits of a
       row are two aligned blocks.
     """
 
-    def __init__(self, length, memory, costs, internal, longest, grid):
+    def __init__(self, length, memory, costs, longest):
         self.length = length
         self.costs = costs
-        self.internal = internal
-        self.grid = grid
-        self.hidden = grid
-        self.units = int(math.floor(memory * grid + _TOLERANCE))
-        self.residual = memory - self.units / grid  # lost to flooring
+        self.longest = longest
+        self.units = int(math.floor(memory + _TOLERANCE))
+        self.residual = memory - self.units  # lost to flooring
         units = np.arange(self.units + 1)
-        # leaf_max[u]: longest leaf with 1 + leaf_units(k) <= u / g + residual.
-        free = units / grid + self.residual - 1.0 + _TOLERANCE
+        # leaf_max[u]: longest leaf with 1 + leaf_units(k) <= u + residual.
+        free = units + self.residual - 1.0 + _TOLERANCE
         r = costs.reserve_units_per_step
         if r == 0:
             leaf_max = np.where(free >= 0, longest, 0)
@@ -620,18 +513,10 @@ class _FusedTable:
             counted = np.floor(np.maximum(free, -1.0) / r).astype(np.int64)
             leaf_max = counted + (1 if costs.last_step_transient else 0)
             leaf_max = np.where(free >= 0, np.clip(leaf_max, 0, longest), 0)
-        leaf_max[units < self.hidden] = 0
+        leaf_max[0] = 0
         self.leaf_max = leaf_max
-        steps = np.arange(length + 1)
-        # Kept segment of k steps: ceil(g k r) units (k >= 1).
-        self.kept_units = np.ceil(grid * steps * r - _TOLERANCE).astype(np.int64)
-        self.kept_units[0] = 0
-        self.longest = longest
-        self.register_segments = internal and costs.reserve_includes_input
-        width = self.units + 1
-        shape = (length + 1, width)
+        shape = (length + 1, self.units + 1)
         self.cost = np.full(shape, np.inf)
-        self.segment = np.full(shape, np.inf)
         self.split = np.full(shape, np.inf)
         self.left = np.full(shape, np.inf)
         self.right_reversed = np.full(shape, np.inf)
@@ -640,18 +525,6 @@ class _FusedTable:
 
     def leaf(self, n):
         return self.costs.leaf_time(n)
-
-    def segment_time(self, k):
-        """Time of a kept segment's two calls (k steps): as a leaf's."""
-        c = self.costs
-        return (c.call_forward + c.call_backward
-                + k * (c.step_forward + c.step_backward))
-
-    def register_value(self, n, u):
-        """Reg(n, u): the right part run at once from the register."""
-        if self.register_segments:
-            return self.segment[n, u]
-        return self.leaf(n) if self.leaf_max[u] >= n else math.inf
 
     # Filling ------------------------------------------------------------------
 
@@ -666,16 +539,13 @@ class _FusedTable:
         whole tile at once (`_tile_splits`, which reads each earlier row
         once per tile instead of once per row), the others row by row.
         """
-        c, hidden, length, units = self.costs, self.hidden, self.length, self.units
-        self.cost[0, hidden:] = 0.0
-        self.segment[0, hidden:] = 0.0
-        self.left[0, hidden:] = 0.0
-        chained = c.chained_advances
+        c, length, units = self.costs, self.length, self.units
+        self.cost[0, 1:] = 0.0
+        self.left[0, 1:] = 0.0
         step = c.step_forward + c.step_backward
         # Last finite index of each column's left half and right half.
         last_left = np.zeros(units + 1, dtype=np.int64)
         last_right = np.zeros(units + 1, dtype=np.int64)
-        kept = self._kept_offsets() if self.internal else None
         scratch = np.empty(max(units + 1, _SCRATCH_SIZE))
 
         outside = self._outside_calls()
@@ -685,17 +555,13 @@ class _FusedTable:
             fits = self.leaf_max >= n
             first_fit = int(np.argmax(fits)) if fits[-1] else units + 1
             if n == length:
-                return np.arange(max(hidden, units), first_fit)
+                return np.arange(units, first_fit)
             # `_bound`: this cell's least time plus the least time of the
-            # rest of a plan that holds it. With chained advances the cell
-            # may continue its parent's call: Cc, not C.
-            cells = slice(hidden, first_fit)
-            before = self.cost[n - 1, cells]
-            if chained:
-                before = np.minimum(self.segment[n - 1, cells],
-                                    self.split[n - 1, cells])
-            least = before + step * (length - n + 1) + outside[cells]
-            return hidden + np.flatnonzero(
+            # rest of a plan that holds it.
+            cells = slice(1, first_fit)
+            least = (self.cost[n - 1, cells] + step * (length - n + 1)
+                     + outside[cells])
+            return 1 + np.flatnonzero(
                 np.isfinite(least) & (least <= self.bound))
 
         for first in range(1, length + 1, _TILE_ROWS):
@@ -708,95 +574,41 @@ class _FusedTable:
                 # infinite down its column).
                 fits = self.leaf_max >= stop - 1
                 u1 = int(np.argmax(fits)) if fits[-1] else units + 1
-                finite = np.isfinite(self.cost[first - 1, hidden:u1])
+                finite = np.isfinite(self.cost[first - 1, 1:u1])
                 if finite.any():
-                    u0 = hidden + int(np.argmax(finite))
+                    u0 = 1 + int(np.argmax(finite))
                     tile = (u0, u1, self._tile_splits(
                         first, stop, u0, u1, last_left, last_right, scratch))
             for n in range(first, stop):
-                leaf = self.leaf(n)
-                fits = self.leaf_max >= n
-                segment = np.where(fits, leaf, np.inf)
+                leaf = np.where(self.leaf_max >= n, self.leaf(n), np.inf)
                 columns = searched(n)
                 if len(columns):
-                    if kept is not None:
-                        segment[columns] = np.minimum(
-                            segment[columns],
-                            self._fill_segments(n, columns, kept))
                     self.split[n, columns] = self._fill_splits(
                         n, columns, last_left, last_right, scratch, first,
                         tile)
-                self.segment[n] = segment
-                split = self.split[n]
-                cost = np.minimum(segment, c.call_forward + split)
+                cost = np.minimum(leaf, c.call_forward + self.split[n])
                 self.cost[n] = cost
                 self.left[n] = n * c.step_forward + cost
-                # G(n, u) = min(Cc(n, u - hidden), Reg(n, u)).
-                stored = np.minimum(segment, split) if chained else cost
-                right = (segment if self.register_segments
-                         else np.where(fits, leaf, np.inf)).copy()
-                right[2 * hidden:] = np.minimum(right[2 * hidden:],
-                                                stored[hidden:-hidden or None])
+                # G(n, u) = min(C(n, u - 1), leaf(n) where it fits in u).
+                right = leaf
+                right[2:] = np.minimum(right[2:], cost[1:-1])
                 self.right_reversed[length - n] = right
                 last_left[np.isfinite(cost)] = n
                 last_right[np.isfinite(right)] = n
 
     def _outside_calls(self):
-        """Least call time outside a sub-problem with u units, per u.
+        """Least call time outside a sub-problem with u slots, per u.
 
         Used by the skip test of `_fill` (`_bound`). Outside a sub-problem
-        of n < t steps there is at least one more leaf (`A_f + A_b`). With
-        leaves only, `U - u` units are `j = (U - u) / hidden` states stored
-        by ancestors, each after its own advance, which forwards at least
-        one step again: `j (A_f + f)` more (`A_f + j f` with
-        `chained_advances`). With kept segments the units may be kept
-        reserves, whose calls may be that leaf: the larger of the leaf and
-        the units times their cheapest cost per unit.
+        of n < t steps there is at least one more leaf (`A_f + A_b`), and
+        the `U - u` slots it lacks hold states stored by ancestors, each
+        after its own advance, which forwards at least one step again:
+        `(U - u) (A_f + f)` more.
         """
-        c, hidden, units = self.costs, self.hidden, self.units
-        held = units - np.arange(units + 1)  # units held by ancestors
-        advance = c.step_forward + (0.0 if c.chained_advances
-                                    else c.call_forward)
-        leaf = c.call_forward + c.call_backward
-        if not self.internal:
-            states = held // hidden
-            calls = leaf + states * advance
-            if c.chained_advances:
-                calls = calls + np.where(states > 0, c.call_forward, 0.0)
-            return calls
-        fitting = self.kept_units[1:][self.kept_units[1:] <= units - hidden]
-        per_unit = advance / hidden
-        if len(fitting):
-            per_unit = min(per_unit, leaf / int(fitting.max()))
-        return np.maximum(leaf, held * per_unit)
-
-    def _kept_offsets(self):
-        """Flat offsets and times of E's kept segments, `(offsets, times)`.
-
-        `offsets[k - 1, u]` locates C(n - k, u - kept_units[k]) at
-        `n * width + offsets[k - 1, u]` in the flat cost table; a segment
-        whose reserve does not fit points at column 0, which is infinite.
-        """
-        width = self.units + 1
-        last = int(np.searchsorted(self.kept_units, self.units - self.hidden,
-                                   side="right")) - 1
-        last = min(last, self.longest, self.length - 1)
-        ks = np.arange(1, last + 1)
-        rest = np.arange(width)[None, :] - self.kept_units[ks][:, None]
-        offsets = np.where(rest >= self.hidden, rest, 0) - ks[:, None] * width
-        return offsets, self.segment_time(ks)
-
-    def _fill_segments(self, n, columns, kept):
-        """E's kept segments (k < n steps) for `columns` of row n."""
-        offsets, times = kept
-        count = min(n - 1, len(times))
-        if count < 1:
-            return np.full(len(columns), np.inf)
-        width = self.units + 1
-        flat = self.cost.reshape(-1)
-        values = flat[n * width + offsets[:count][:, columns]]
-        values += times[:count, None]
-        return values.min(axis=0)
+        c = self.costs
+        held = self.units - np.arange(self.units + 1)  # slots of ancestors
+        return (c.call_forward + c.call_backward
+                + held * (c.call_forward + c.step_forward))
 
     def _fill_splits(self, n, columns, last_left, last_right, scratch,
                      first=None, tile=None):
@@ -879,44 +691,25 @@ class _FusedTable:
         return values
 
     # Backtracking -------------------------------------------------------------
+    def action(self, n, u):
+        """An optimal first action of C(n, u).
 
-    def action(self, n, u, continuing):
-        """An optimal first action of C(n, u) (`Cc` when `continuing`).
-
-        Returns `("segment", None)` (E's action: `segment_action`) or
-        `("hidden" | "register", y)`: advance y steps, then store h_y and
-        solve the right part, or run it at once from the register.
+        Returns `("leaf", None)`: a leaf over all n steps; or `("hidden" |
+        "register", y)`: advance y steps, then store h_y and solve the right
+        part, or run it at once as a leaf from the register.
         """
-        split = self.split[n, u]
-        total = split if continuing else self.costs.call_forward + split
-        if self.segment[n, u] <= total:
-            return "segment", None
+        if self.leaf_max[u] >= n:
+            return "leaf", None
         offset = self.length - n
         values = (self.left[1:n, u]
                   + self.right_reversed[offset + 1:offset + n, u])
         y = int(np.argmin(values)) + 1
-        if values[y - 1] != split:
+        if values[y - 1] != self.split[n, u]:
             raise AssertionError(f"fused table inconsistent at n={n}, u={u}")
-        if self.register_value(n - y, u) == self.right_reversed[
-                self.length - (n - y), u]:
+        if self.leaf_max[u] >= n - y and self.leaf(n - y) == (
+                self.right_reversed[self.length - (n - y), u]):
             return "register", y
         return "hidden", y
-
-    def segment_action(self, n, u):
-        """E's action at (n, u): the number of steps of its first segment.
-
-        n: a leaf over all n steps; k < n: keep k steps.
-        """
-        if self.leaf_max[u] >= n and self.segment[n, u] == self.leaf(n):
-            return n
-        for k in range(1, min(n - 1, self.longest) + 1):
-            rest = u - int(self.kept_units[k])
-            if rest < self.hidden:
-                break
-            if self.cost[n - k, rest] + self.segment_time(k) == (
-                    self.segment[n, u]):
-                return k
-        raise AssertionError(f"fused segment inconsistent at n={n}, u={u}")
 
 
 def _bound(table):
@@ -927,17 +720,15 @@ def _bound(table):
     register, then restore each stored state in turn and run its segment
     as a leaf. The leaf from p_j (j < s - 1) runs with j + 1 states stored,
     so it fits `leaf_max` of `M - j` units; the last one, from the register,
-    that of `M - (s - 2)` (the recursions' check). Every segment as long as
+    that of `M - (s - 2)` (the recursion's check). Every segment as long as
     it fits (the last one as long as possible: that saves advancing) covers
-    the most steps; the time is `(s - 1) A_f` (one call with
-    `chained_advances`) `+ p_{s-1} f + s (A_f + A_b) + t (f + b)`. Such a plan
-    is one of the recursions', so C(t, M) is at most the best one's time.
+    the most steps; the time is `(s - 1) A_f + p_{s-1} f + s (A_f + A_b) +
+    t (f + b)`. Such a plan is one of the recursion's, so C(t, M) is at most
+    the best one's time.
 
     `_FusedTable._fill` skips a cell (n, u), n < t, when `C(n - 1, u) +
-    (t - n + 1)(f + b) + O(u)` exceeds this bound (Cc for C with
-    `chained_advances`: the cell may continue its parent's call): C(n, u)
-    is at least `C(n - 1, u) + f + b` (drop step n from its plan, and
-    likewise for Cc), and the rest of a
+    (t - n + 1)(f + b) + O(u)` exceeds this bound: C(n, u) is at least
+    `C(n - 1, u) + f + b` (drop step n from its plan), and the rest of a
     plan that holds the cell costs at least `f + b` for each of the t - n
     steps outside it plus `O(u)`, calls that no such plan avoids
     (`_FusedTable._outside_calls`: one more leaf, the advances that stored
@@ -950,11 +741,9 @@ def _bound(table):
     larger, never smaller than some plan's time.
     """
     c, length = table.costs, table.length
-    hidden = table.hidden
     # Longest leaf that fits with j states stored besides the start:
-    # leaf_max at u = units - j * hidden (j >= 0).
-    stored = np.arange(table.units // hidden + 1)
-    caps = table.leaf_max[table.units - stored * hidden]
+    # leaf_max at u = units - j (j >= 0).
+    caps = table.leaf_max[table.units - np.arange(table.units + 1)]
     best = math.inf
     covered = 0  # steps covered by the leaves from p_0 .. p_{s-2}
     for segments in range(1, len(caps) + 1):
@@ -966,9 +755,8 @@ def _bound(table):
         last = min(last, length - (segments - 1))
         if last < 1:
             break
-        advances = 0 if segments == 1 else (
-            1 if c.chained_advances else segments - 1)
-        time = (advances * c.call_forward + (length - last) * c.step_forward
+        time = ((segments - 1) * c.call_forward
+                + (length - last) * c.step_forward
                 + segments * (c.call_forward + c.call_backward)
                 + length * (c.step_forward + c.step_backward))
         best = min(best, time)
@@ -980,10 +768,10 @@ def _bound(table):
 def _coarse_bound(table):
     """An upper bound of C(t, M): the same problem in blocks of q steps.
 
-    The recursions on `ceil(t / q)` blocks of q steps (costs and reserve
+    The recursion on `ceil(t / q)` blocks of q steps (costs and reserve
     per block q times those per step, no transient step), `_COARSE_ROWS`
     rows at most. Read step by step (the first block shorter when q does
-    not divide t), its optimal plan is a plan of the fine recursions: no
+    not divide t), its optimal plan is a plan of the fine recursion: no
     run longer, no reserve larger, so no more time or memory.
     """
     c, length = table.costs, table.length
@@ -996,166 +784,112 @@ def _coarse_bound(table):
         reserve_units_per_step=q * c.reserve_units_per_step,
         last_step_transient=False)
     blocks = -(-length // q)
-    memory = table.units / table.grid + table.residual
+    memory = table.units + table.residual
     if memory < min_memory(coarse) - _TOLERANCE:
         return math.inf
-    coarse_table = _FusedTable(blocks, memory, coarse, table.internal,
-                               min(longest, blocks), table.grid)
+    coarse_table = _FusedTable(blocks, memory, coarse, min(longest, blocks))
     return float(coarse_table.cost[blocks, coarse_table.units])
 
 
 # -- runs ----------------------------------------------------------------------
 
-_SOLVE, _SEGMENT, _FREE, _BACKWARD_KEPT = range(4)
+_SOLVE, _FREE = range(2)
 
 
 def _emit_runs(table, length, units):
     """Backtracks the optimal plan of C(length, units) into run rows.
 
-    Each sub-problem (start s, n steps, u units) becomes, by its optimal
-    branch of the recursions:
+    Each sub-problem (start s, n steps, u slots) becomes, by its optimal
+    branch of the recursion (`_FusedTable.action`):
 
-    * E, a leaf: `LEAF(s, n)`;
-    * E, a kept segment of k steps: `FORWARD_KEEP(s, k)`, the sub-problem
-      (s + k, n - k, u - kept units) started from the register (later
-      restored from the reserve), `BACKWARD_KEPT(s, k)`;
-    * a split y: `ADVANCE(s, y)` (`CONTINUE` for Cc with
-      `chained_advances`), then the right part -- `STORE h_{s+y}`, the
-      sub-problem (s + y, n - y, u - hidden) as Cc, `FREE h_{s+y}`; or Reg
-      from the register, a `LEAF` or E's action -- then the left part
-      (s, y, u), which restores h_s first.
+    * a leaf: `LEAF(s, n)`;
+    * a split y: `ADVANCE(s, y)`, then the right part -- `STORE h_{s+y}`,
+      the sub-problem (s + y, n - y, u - 1), `FREE h_{s+y}`; or a `LEAF`
+      from the register -- then the left part (s, y, u), which restores
+      h_s first.
 
     An explicit stack (deep plans would overflow Python's recursion limit).
-    Slots are reused last-in first-out: a new item's slot is the number of
-    items of its kind stored.
+    Slots are reused last-in first-out: a new state's slot is the number of
+    states stored.
     """
     runs = []
     emit = runs.append
     emit((STORE, 0, 0, 0))
-    live_hidden, live_reserve = 1, 0
-    chained = table.costs.chained_advances
-    # (task, start, n, u, at_start, continuing, restore opcode, slot)
-    stack = [(_SOLVE, 0, length, units, True, False, RESTORE, 0)]
+    live = 1
+    # (task, start, n, u, at_start, slot of h_start)
+    stack = [(_SOLVE, 0, length, units, True, 0)]
     while stack:
-        task, start, n, u, at_start, continuing, restore, slot = stack.pop()
+        task, start, n, u, at_start, slot = stack.pop()
         if task == _FREE:
             emit((FREE, start, 0, slot))
-            live_hidden -= 1
-            continue
-        if task == _BACKWARD_KEPT:
-            emit((BACKWARD_KEPT, start, n, slot))
-            live_reserve -= 1
-            continue
-        if n == 0:
+            live -= 1
             continue
         if not at_start:
-            emit((restore, start, 0, slot))
-        kind, y = ("segment", None) if task == _SEGMENT else table.action(
-            n, u, continuing)
-        if kind == "segment":
-            k = table.segment_action(n, u)
-            if k == n:
-                emit((LEAF, start, n, 0))
-                continue
-            emit((FORWARD_KEEP, start, k, live_reserve))
-            stack.append((_BACKWARD_KEPT, start, k, 0, False, False, 0,
-                          live_reserve))
-            stack.append((_SOLVE, start + k, n - k,
-                          u - int(table.kept_units[k]), True, False,
-                          RESTORE_RESERVE, live_reserve))
-            live_reserve += 1
+            emit((RESTORE, start, 0, slot))
+        kind, y = table.action(n, u)
+        if kind == "leaf":
+            emit((LEAF, start, n, 0))
             continue
-        emit((CONTINUE if continuing else ADVANCE, start, y, 0))
-        stack.append((_SOLVE, start, y, u, False, False, restore, slot))
+        emit((ADVANCE, start, y, 0))
+        stack.append((_SOLVE, start, y, u, False, slot))
         if kind == "register":
-            if table.register_segments:
-                stack.append((_SEGMENT, start + y, n - y, u, True, False, 0, 0))
-            else:
-                emit((LEAF, start + y, n - y, 0))
+            emit((LEAF, start + y, n - y, 0))
             continue
-        emit((STORE, start + y, 0, live_hidden))
-        stack.append((_FREE, start + y, 0, 0, False, False, 0, live_hidden))
-        stack.append((_SOLVE, start + y, n - y, u - table.hidden, True,
-                      chained, RESTORE, live_hidden))
-        live_hidden += 1
+        emit((STORE, start + y, 0, live))
+        stack.append((_FREE, start + y, 0, 0, False, live))
+        stack.append((_SOLVE, start + y, n - y, u - 1, True, live))
+        live += 1
     emit((FREE, 0, 0, 0))
     return np.asarray(runs, dtype=np.int32).reshape(-1, 4)
 
 
 def _run_statistics(runs, costs):
-    """Steps, calls, run-level peak and slot counts of run rows."""
+    """Steps, calls, run-level peak and slot count of run rows."""
     forward_steps = forward_calls = backward_calls = 0
-    hidden = 0
-    reserve = []  # units of each kept segment, by slot
-    peak = peak_hidden = peak_reserve = 0.0
-    c = costs
+    hidden = peak_hidden = 0
+    peak = 0.0
     for opcode, _, steps, _ in runs.tolist():
-        stored = hidden + sum(reserve)
-        extra = 0.0
-        if opcode in (ADVANCE, CONTINUE, LEAF, FORWARD_KEEP):
+        held = 0.0  # a running leaf's reserve
+        if opcode in (ADVANCE, LEAF):
             forward_steps += steps
-            forward_calls += opcode != CONTINUE
-        if opcode in (LEAF, BACKWARD_KEPT):
-            backward_calls += 1
+            forward_calls += 1
         if opcode == LEAF:
-            extra = c.leaf_units(steps)
-        elif opcode == FORWARD_KEEP:
-            reserve.append(steps * c.reserve_units_per_step)
-        elif opcode == BACKWARD_KEPT:
-            reserve.pop()
+            backward_calls += 1
+            held = costs.leaf_units(steps)
         elif opcode == STORE:
             hidden += 1
         elif opcode == FREE:
             hidden -= 1
-        peak = max(peak, stored + extra, hidden + sum(reserve))
+        peak = max(peak, hidden + held)
         peak_hidden = max(peak_hidden, hidden)
-        peak_reserve = max(peak_reserve, len(reserve))
     return dict(forward_steps=forward_steps,
                 forward_calls=forward_calls, backward_calls=backward_calls,
-                peak_memory=float(peak), hidden_slots=int(peak_hidden),
-                reserve_slots=int(peak_reserve))
+                peak_memory=float(peak), hidden_slots=int(peak_hidden))
 
 
 def _expand_runs(runs):
     """Run rows -> step-level `(opcode, step, slot)` op rows (`keras_bptt.planning.plan`).
 
     A leaf keeps the internal states of all its steps but the last, which
-    is backpropagated right after its forward; a kept segment keeps all of
-    them, and its end state is restored from its last step's internal state.
+    is backpropagated right after its forward.
     """
     ops = []
     emit = ops.append
-    internal = 0  # internal states stored (the next internal slot)
-    kept = {}  # reserve slot -> (internal slot of its first step, steps)
     for opcode, start, steps, slot in runs.tolist():
-        if opcode in (ADVANCE, CONTINUE):
+        if opcode == ADVANCE:
             for step in range(start + 1, start + steps + 1):
                 emit((plan_lib.FORWARD, step, 0))
         elif opcode == LEAF:
             for i, step in enumerate(range(start + 1, start + steps)):
-                emit((plan_lib.FORWARD_STORE_INTERNAL, step, internal + i))
+                emit((plan_lib.FORWARD_STORE_INTERNAL, step, i))
             emit((plan_lib.FORWARD, start + steps, 0))
             emit((plan_lib.BACKWARD, start + steps, 0))
             for i in reversed(range(steps - 1)):
-                emit((plan_lib.BACKWARD_INTERNAL, start + 1 + i, internal + i))
-        elif opcode == FORWARD_KEEP:
-            kept[slot] = (internal, steps)
-            for i in range(steps):
-                emit((plan_lib.FORWARD_STORE_INTERNAL, start + 1 + i,
-                      internal + i))
-            internal += steps
-        elif opcode == BACKWARD_KEPT:
-            base, _ = kept.pop(slot)
-            for i in reversed(range(steps)):
-                emit((plan_lib.BACKWARD_INTERNAL, start + 1 + i, base + i))
-            internal = base
+                emit((plan_lib.BACKWARD_INTERNAL, start + 1 + i, i))
         elif opcode == STORE:
             emit((plan_lib.STORE_HIDDEN, start, slot))
         elif opcode == RESTORE:
             emit((plan_lib.RESTORE, start, slot))
-        elif opcode == RESTORE_RESERVE:
-            base, steps = kept[slot]
-            emit((plan_lib.RESTORE_INTERNAL, start, base + steps - 1))
         elif opcode == FREE:
             emit((plan_lib.DROP_HIDDEN, start, slot))
         else:

@@ -28,8 +28,8 @@ It checks that:
 
 `simulate_runs` does the same for the run level of a fused-segment plan
 (`keras_bptt.planning.fused.FusedPlan.runs`): the runs' register, slots and
-order, their memory in the run model (a leaf's and a kept segment's reserve
-included) and the plan's predicted time, steps and calls.
+order, their memory in the run model (a running leaf's reserve included)
+and the plan's predicted time, steps and calls.
 
 Known limitations:
 
@@ -328,13 +328,11 @@ class RunSimulationResult:
     Attributes:
         time: Total time under the plan's `SegmentCosts`.
         forward_steps: Forward step evaluations (all forward calls).
-        forward_calls: Forward calls (a `CONTINUE` is part of the previous
-            call).
-        backward_calls: Backward calls (leaves and kept segments).
-        peak_memory: Peak units of the run model: stored hidden states, kept
-            reserves and a running leaf's reserve.
+        forward_calls: Forward calls (advances and leaves).
+        backward_calls: Backward calls (leaves).
+        peak_memory: Peak units of the run model: stored hidden states and
+            a running leaf's reserve.
         peak_hidden_slots: Most hidden states stored at once.
-        peak_reserve_slots: Most segments kept at once.
     """
 
     time: float
@@ -343,24 +341,20 @@ class RunSimulationResult:
     backward_calls: int
     peak_memory: float
     peak_hidden_slots: int
-    peak_reserve_slots: int
 
 
 def simulate_runs(plan):
     """Runs a fused plan's runs abstractly and checks them.
 
     The run semantics are those of `keras_bptt.planning.fused` (its module
-    docstring): the register must hold the start state of every forward
-    run; a `CONTINUE` must follow an `ADVANCE` or `CONTINUE` with only
-    stores in between (and `chained_advances`); a `LEAF` and a
-    `BACKWARD_KEPT` must end at the next step to backpropagate, so steps go
-    from t down to 1, each exactly once; a leaf or a kept segment never
-    overlaps a kept segment; without `reserve_includes_input` a kept
-    segment starts from a stored state or a kept segment's end; restores
-    and frees name what their slot holds; stored units (a hidden state one,
-    a kept segment `k r`, a running leaf `costs.leaf_units(k)`) never
-    exceed `plan.memory`; nothing is left stored; and the plan's time,
-    steps, calls, peak and slot counts are what it predicts.
+    docstring): every opcode is one of `fused.RUN_NAMES`; the register must
+    hold the start state of every forward run; a `LEAF` must end at the
+    next step to backpropagate, so steps go from t down to 1, each exactly
+    once; an `ADVANCE` must stop short of it; stores, restores and frees
+    name what their slot holds or may hold; stored units (a hidden state
+    one, a running leaf `costs.leaf_units(k)`) never exceed `plan.memory`;
+    nothing is left stored; and the plan's time, steps, calls, peak and
+    slot count are what it predicts.
 
     Args:
         plan: A `keras_bptt.planning.fused.FusedPlan`.
@@ -398,135 +392,73 @@ class _RunMachine:
         self.plan = plan
         self.costs = plan.costs
         self.register = 0
-        self.open_call = False  # the register came from a forward call
         self.hidden = [None] * plan.hidden_slots  # step held per slot
-        self.reserve = [None] * plan.reserve_slots  # (start, steps) per slot
         self.next_backward = plan.length
         self.time = 0.0
         self.forward_steps = self.forward_calls = self.backward_calls = 0
         self.peak_memory = 0.0
-        self.peak_hidden = self.peak_reserve = 0
+        self.peak_hidden = 0
 
     def run(self, opcode, start, steps, slot):
         c = self.costs
-        open_call = False
         transient = 0.0
-        if opcode in (fused_lib.ADVANCE, fused_lib.CONTINUE, fused_lib.LEAF,
-                      fused_lib.FORWARD_KEEP):
-            self._forward(start, steps)
-            if opcode == fused_lib.CONTINUE:
-                _require(c.chained_advances,
-                         "CONTINUE needs costs.chained_advances")
-                _require(self.open_call, "CONTINUE must follow an advance "
-                         "with only stores in between")
-            else:
-                self.forward_calls += 1
-                self.time += c.call_forward
-        if opcode in (fused_lib.ADVANCE, fused_lib.CONTINUE):
+        if opcode in (fused_lib.ADVANCE, fused_lib.LEAF):
+            _require(steps >= 1, "a forward run needs at least one step")
+            _require(start + steps <= self.plan.length,
+                     f"no step {start + steps}")
+            _require(self.register == start, f"starts at h_{start}, but the "
+                     f"register holds {_state(self.register)}")
+            self.forward_steps += steps
+            self.forward_calls += 1
+            self.time += c.call_forward + steps * c.step_forward
+        if opcode == fused_lib.ADVANCE:
             _require(start + steps < self.next_backward,
                      f"advances to h_{start + steps}, but step "
                      f"{self.next_backward} is the next to backpropagate")
             self.register = start + steps
-            open_call = True
         elif opcode == fused_lib.LEAF:
-            self._check_segment(start, steps, end=self.next_backward)
-            transient = c.leaf_units(steps)
-            self._backward(start, steps)
-            self.register = None
-        elif opcode == fused_lib.FORWARD_KEEP:
-            self._check_segment(start, steps, end=None)
-            if not c.reserve_includes_input:
-                _require(start in self.hidden or start in self._kept_ends(),
-                         f"a kept segment from h_{start} needs it stored")
-            self._store(self.reserve, "reserve", slot, (start, steps))
-            self.register = start + steps
-        elif opcode == fused_lib.BACKWARD_KEPT:
-            self._expect(self.reserve, "reserve", slot, (start, steps))
             _require(start + steps == self.next_backward,
-                     f"segment {start}+{steps} ends before step "
-                     f"{self.next_backward}, the next to backpropagate")
-            self.reserve[slot] = None
-            self._backward(start, steps)
+                     f"backpropagates steps {start + steps}..{start + 1}, "
+                     f"but the next step to backpropagate is "
+                     f"{self.next_backward}")
+            transient = c.leaf_units(steps)
+            self.next_backward = start
+            self.backward_calls += 1
+            self.time += c.call_backward + steps * c.step_backward
+            self.register = None
         elif opcode == fused_lib.STORE:
             _require(self.register == start, f"cannot store h_{start}: the "
                      f"register holds {_state(self.register)}")
-            self._store(self.hidden, "hidden", slot, start)
-            open_call = self.open_call
-        elif opcode == fused_lib.RESTORE:
-            self._expect(self.hidden, "hidden", slot, start)
-            self.register = start
-        elif opcode == fused_lib.RESTORE_RESERVE:
-            _require(0 <= slot < len(self.reserve) and self.reserve[slot]
-                     is not None and sum(self.reserve[slot]) == start,
-                     f"reserve slot {slot} does not end at h_{start}")
-            self.register = start
-        elif opcode == fused_lib.FREE:
-            self._expect(self.hidden, "hidden", slot, start)
-            self.hidden[slot] = None
+            self._slot(slot)
+            _require(self.hidden[slot] is None,
+                     f"hidden slot {slot} still holds {self.hidden[slot]}")
+            self.hidden[slot] = start
+        elif opcode in (fused_lib.RESTORE, fused_lib.FREE):
+            self._slot(slot)
+            _require(self.hidden[slot] == start,
+                     f"hidden slot {slot} holds {self.hidden[slot]}, not "
+                     f"{start}")
+            if opcode == fused_lib.RESTORE:
+                self.register = start
+            else:
+                self.hidden[slot] = None
         else:
             raise InvalidPlanError(f"unknown run opcode {opcode}")
-        self.open_call = open_call
         self._account(transient)
 
-    def _forward(self, start, steps):
-        _require(steps >= 1, "a forward run needs at least one step")
-        _require(start + steps <= self.plan.length,
-                 f"no step {start + steps}")
-        _require(self.register == start, f"starts at h_{start}, but the "
-                 f"register holds {_state(self.register)}")
-        self.forward_steps += steps
-        self.time += steps * self.costs.step_forward
-
-    def _check_segment(self, start, steps, end):
-        ends = self._kept_ends()
-        _require(not ends or start >= max(ends),
-                 f"overlaps the kept segment ending at {max(ends or [0])}")
-        if end is None:
-            _require(start + steps < self.next_backward,
-                     f"keeps steps up to {start + steps}, not before step "
-                     f"{self.next_backward}, the next to backpropagate")
-        else:
-            _require(start + steps == end,
-                     f"backpropagates steps {start + steps}..{start + 1}, "
-                     f"but the next step to backpropagate is {end}")
-
-    def _backward(self, start, steps):
-        self.next_backward = start
-        self.backward_calls += 1
-        self.time += self.costs.call_backward + steps * self.costs.step_backward
-
-    def _kept_ends(self):
-        return [sum(item) for item in self.reserve if item is not None]
-
-    def _stored_units(self):
-        hidden = sum(item is not None for item in self.hidden)
-        reserve = sum(item[1] for item in self.reserve if item is not None)
-        return hidden + reserve * self.costs.reserve_units_per_step
+    def _slot(self, slot):
+        _require(0 <= slot < len(self.hidden),
+                 f"hidden slot {slot} is outside the plan's "
+                 f"{len(self.hidden)} slots")
 
     def _account(self, transient):
-        units = self._stored_units()
+        units = sum(item is not None for item in self.hidden)
         _require(
             units + transient <= self.plan.memory + _MEMORY_TOLERANCE,
             f"holds {units + transient:g} units, over the budget of "
             f"{self.plan.memory:g}")
-        self.peak_memory = max(self.peak_memory, units + transient, units)
-        self.peak_hidden = max(
-            self.peak_hidden, sum(item is not None for item in self.hidden))
-        self.peak_reserve = max(
-            self.peak_reserve, sum(item is not None for item in self.reserve))
-
-    def _store(self, slots, kind, slot, item):
-        _require(0 <= slot < len(slots),
-                 f"{kind} slot {slot} is outside the plan's {len(slots)} slots")
-        _require(slots[slot] is None,
-                 f"{kind} slot {slot} still holds {slots[slot]}")
-        slots[slot] = item
-
-    def _expect(self, slots, kind, slot, item):
-        _require(0 <= slot < len(slots),
-                 f"{kind} slot {slot} is outside the plan's {len(slots)} slots")
-        _require(slots[slot] == item,
-                 f"{kind} slot {slot} holds {slots[slot]}, not {item}")
+        self.peak_memory = max(self.peak_memory, units + transient)
+        self.peak_hidden = max(self.peak_hidden, units)
 
     def finish(self):
         plan = self.plan
@@ -534,7 +466,7 @@ class _RunMachine:
         if self.next_backward != 0:
             problems.append(
                 f"steps {self.next_backward}..1 were never backpropagated")
-        if any(item is not None for item in self.hidden + self.reserve):
+        if any(item is not None for item in self.hidden):
             problems.append("states are still stored at the end")
         if abs(self.time - plan.time) > 1e-9 * max(1.0, abs(plan.time)):
             problems.append(f"took {self.time:g}, predicted {plan.time:g}")
@@ -547,12 +479,10 @@ class _RunMachine:
         if abs(self.peak_memory - plan.peak_memory) > _MEMORY_TOLERANCE:
             problems.append(f"peak memory {self.peak_memory:g}, predicted "
                             f"{plan.peak_memory:g}")
-        if (self.peak_hidden, self.peak_reserve) != (plan.hidden_slots,
-                                                     plan.reserve_slots):
+        if self.peak_hidden != plan.hidden_slots:
             problems.append(
-                f"stored at most {self.peak_hidden} hidden states and "
-                f"{self.peak_reserve} segments at once, but the plan "
-                f"allocates {plan.hidden_slots} and {plan.reserve_slots}")
+                f"stored at most {self.peak_hidden} hidden states at once, "
+                f"but the plan allocates {plan.hidden_slots}")
         if problems:
             raise InvalidPlanError(
                 f"{plan.scheme} plan (t={plan.length}, m={plan.memory:g}): "
@@ -561,5 +491,4 @@ class _RunMachine:
             time=self.time, forward_steps=self.forward_steps,
             forward_calls=self.forward_calls,
             backward_calls=self.backward_calls, peak_memory=self.peak_memory,
-            peak_hidden_slots=self.peak_hidden,
-            peak_reserve_slots=self.peak_reserve)
+            peak_hidden_slots=self.peak_hidden)

@@ -196,6 +196,18 @@ def test_advances_are_split_so_their_transients_fit_the_budget():
     assert extra == len(runs) - len(plan.runs) > 0
 
 
+def test_every_run_opcode_the_planner_emits_is_executed():
+    # The planner offers only what this executor runs; anything else is
+    # rejected before tracing.
+    assert set(fused_interpreter._BRANCH_OPCODES) == set(planner_fused.RUN_NAMES)
+    plan = planner_fused.make_fused_plan(60, 6, GPU_LIKE)
+    assert fused_interpreter.split_sweep(plan).first_leaf[1] >= 1
+    runs = np.array(plan.runs)
+    runs[1, 0] = max(planner_fused.RUN_NAMES) + 1
+    with pytest.raises(ValueError, match=r"opcodes \[5\] are not run opcodes"):
+        fused_interpreter.split_sweep(plan, runs)
+
+
 def test_calibrated_costs_plan_and_run_like_keras():
     fused_lib.clear_caches()
     reference, layer, x = _pair(costs=None)  # calibrated

@@ -136,6 +136,43 @@ def test_keras_file_written_by_version_0_2_0_loads_with_equal_outputs():
     _gradients_are_finite_and_nonzero(model, io["x"])
 
 
+SEGMENT_COSTS = {"call_forward": 1.0, "step_forward": 0.01, "call_backward": 1.0,
+                 "step_backward": 0.01, "reserve_units_per_step": 3.5,
+                 "last_step_transient": False}
+
+
+def _config_with_segment_costs(costs):
+    layer = MemoryBudgetRNN(keras.layers.LSTMCell(4), memory_budget=8,
+                            segment_costs=SEGMENT_COSTS)
+    config = layer.get_config()
+    assert config["segment_costs"] == SEGMENT_COSTS
+    config["segment_costs"] = costs
+    return config
+
+
+@pytest.mark.parametrize(
+    "removed",
+    [{"reserve_includes_input": True, "chained_advances": False},
+     {"chained_advances": True}],
+)
+def test_segment_costs_with_fields_removed_in_0_3_0_still_load(removed):
+    # 0.2.0 configs store SegmentCosts' reserve_includes_input and
+    # chained_advances (kept segments, chained advances: planned, never
+    # executed, removed in 0.3.0); they are dropped.
+    expected = MemoryBudgetRNN.from_config(
+        _config_with_segment_costs(SEGMENT_COSTS)).segment_costs
+    loaded = MemoryBudgetRNN.from_config(
+        _config_with_segment_costs({**SEGMENT_COSTS, **removed}))
+    assert loaded.segment_costs == expected
+    assert loaded.get_config()["segment_costs"] == SEGMENT_COSTS
+
+
+def test_segment_costs_with_an_unknown_field_are_rejected():
+    config = _config_with_segment_costs({**SEGMENT_COSTS, "warp_factor": 9})
+    with pytest.raises(ValueError, match=r"unknown fields \['warp_factor'\]"):
+        MemoryBudgetRNN.from_config(config)
+
+
 def _gradients_are_finite_and_nonzero(model, x):
     """Eager gradients through the loaded layers' budgeted backward pass (a
     `fit` step would trace a graph too: seconds, for what the layer tests

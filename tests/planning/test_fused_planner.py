@@ -1,7 +1,8 @@
 """The fused-segment planner (`keras_bptt.planning.fused`) and its runs.
 
 Times are checked three independent ways: against the paper's HSM values
-and today's `hsm`/`msm` planners in the cases that reduce to them, against
+and today's `hsm` planner in the cases that reduce to them (`msm` a lower
+bound), against
 an exhaustive search of the run model (`brute_force.
 fused_optimal_time`) for small t, and against a direct memoised evaluation
 of the recursions below (no pruning, tiles or bounds) for t in the tens to
@@ -27,15 +28,15 @@ GPU = SegmentCosts(1.0, 0.01, 1.0, 0.01, 1.0)
 CPU = SegmentCosts(0.0, 0.01, 0.0, 0.01, 1.0)
 COSTS = {
     "gpu": GPU,
-    "gpu_chained": SegmentCosts(1.0, 0.01, 1.0, 0.01, 1.0,
-                                chained_advances=True),
     "mixed": SegmentCosts(0.3, 0.1, 0.5, 0.2, 0.5),
     "no_calls": SegmentCosts(0.0, 1.0, 0.0, 0.5, 1.0),
     "big_reserve": SegmentCosts(2.0, 0.25, 1.0, 0.5, 2.0),
     "step_loop": SegmentCosts.step_loop(2.0),
-    "transient_input": SegmentCosts(1.0, 0.1, 0.7, 0.1, 1.5,
-                                    last_step_transient=True,
-                                    reserve_includes_input=True),
+    "transient": SegmentCosts(1.0, 0.1, 0.7, 0.1, 1.5,
+                              last_step_transient=True),
+    # r = 1.3: not a multiple of any simple fraction; leaves plan exactly
+    # with real memory.
+    "odd_reserve": SegmentCosts(0.5, 0.05, 0.5, 0.1, 1.3),
 }
 MEMORIES = (1, 1.5, 2, 2.5, 3, 3.7, 4, 5, 6.5, 9)
 
@@ -44,14 +45,13 @@ def _close(a, b):
     return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
 
 
-def reference(costs, internal=False, max_segment=None):
-    """`C(n, m)` by the module docstring's recursions, every split (slow).
+def reference(costs, max_segment=None):
+    """`C(n, m)` by the module docstring's recursion, every split (slow).
 
-    Real memory (no grid), so it equals the planner wherever the planner's
-    grid is exact.
+    Real memory throughout, as the planner's (whole slots plus the
+    budget's fraction) is exact.
     """
     c = costs
-    r = c.reserve_units_per_step
 
     def longest(n):
         return n if max_segment is None else min(n, max_segment)
@@ -62,36 +62,19 @@ def reference(costs, internal=False, max_segment=None):
         return math.inf
 
     @functools.lru_cache(maxsize=None)
-    def segment(n, m):
-        best = leaf(n, m)
-        if internal:
-            for k in range(1, longest(n - 1) + 1):
-                if m - k * r >= 1 - 1e-9:
-                    best = min(best, c.leaf_time(k) + cost(n - k, m - k * r))
-        return best
-
-    @functools.lru_cache(maxsize=None)
     def split(n, m):
         best = math.inf
         for y in range(1, n):
-            if internal and c.reserve_includes_input:
-                right = segment(n - y, m)
-            else:
-                right = leaf(n - y, m)
+            right = leaf(n - y, m)
             if m >= 2 - 1e-9:
-                right = min(right, continued(n - y, m - 1))
+                right = min(right, cost(n - y, m - 1))
             best = min(best, y * c.step_forward + right + cost(y, m))
         return best
 
     def cost(n, m):
         if n == 0:
             return 0.0
-        return min(segment(n, m), c.call_forward + split(n, m))
-
-    def continued(n, m):
-        if not c.chained_advances or n == 0:
-            return cost(n, m)
-        return min(segment(n, m), split(n, m))
+        return min(leaf(n, m), c.call_forward + split(n, m))
 
     return cost
 
@@ -137,17 +120,13 @@ def test_paper_hsm_values_with_one_step_leaves(length, slots, cost):
 def test_one_slot_recomputes_everything():
     loop = SegmentCosts.step_loop(1.0)
     for length in range(1, 30):
-        for internal in (False, True):
-            assert fused.fused_time(length, 1, loop, internal=internal) == (
-                length * (length + 1) // 2)
+        assert fused.fused_time(length, 1, loop) == length * (length + 1) // 2
 
 
 @pytest.mark.parametrize("alpha", [1, 2, 3])
 def test_no_call_time_gives_todays_optimum(alpha):
-    # The step loop's costs (A = 0, r = alpha, transient last step, input in
-    # the reserve): kept segments give MSM exactly, with segments of any
-    # length or of one step; one-step leaves give HSM; leaves of any length
-    # lie in between.
+    # The step loop's costs (A = 0, r = alpha, transient last step): one-step
+    # leaves give HSM; leaves of any length lie between MSM and HSM.
     loop = SegmentCosts.step_loop(alpha)
     for length in (1, 2, 5, 17, 60, 150):
         full = int(planner.standard_bptt_memory(length, alpha))
@@ -155,9 +134,6 @@ def test_no_call_time_gives_todays_optimum(alpha):
             msm = planner.plan_cost("msm", length, memory, alpha)
             hsm = planner.plan_cost("hsm", length, memory)
             case = (length, memory)
-            assert fused.fused_time(length, memory, loop, internal=True) == msm, case
-            assert fused.fused_time(length, memory, loop, internal=True,
-                                    max_segment=1) == msm, case
             assert fused.fused_time(length, memory, loop, max_segment=1) == hsm, case
             assert msm <= fused.fused_time(length, memory, loop) <= hsm, case
 
@@ -177,77 +153,57 @@ def test_leaves_equal_exhaustive_search(name):
             assert _close(got, expected), (length, memory, got, expected)
 
 
-@pytest.mark.parametrize("name", sorted(COSTS))
-def test_kept_segments_equal_exhaustive_search(name):
-    costs = COSTS[name]
-    longest = 7 if name in ("gpu", "step_loop") else 6
-    for length in range(1, longest + 1):
-        for memory in MEMORIES:
-            if memory < fused.min_memory(costs):
-                continue
-            expected = brute_force.fused_optimal_time(
-                length, memory, costs, internal=True)
-            got = fused.fused_time(length, memory, costs, internal=True)
-            assert _close(got, expected), (length, memory, got, expected)
-
-
 @pytest.mark.parametrize("name", ["gpu", "mixed", "no_calls"])
 def test_segment_limit_equals_exhaustive_search(name):
     costs = COSTS[name]
-    for internal, lengths in ((False, range(1, 9)), (True, range(1, 7))):
-        for length in lengths:
-            for memory in (2, 3, 4.5, 9):
-                for longest in (1, 2, 3):
-                    expected = brute_force.fused_optimal_time(
-                        length, memory, costs, internal=internal,
-                        max_segment=longest)
-                    got = fused.fused_time(length, memory, costs,
-                                           internal=internal,
-                                           max_segment=longest)
-                    assert _close(got, expected), (
-                        internal, length, memory, longest, got, expected)
+    for length in range(1, 9):
+        for memory in (2, 3, 4.5, 9):
+            for longest in (1, 2, 3):
+                expected = brute_force.fused_optimal_time(
+                    length, memory, costs, max_segment=longest)
+                got = fused.fused_time(length, memory, costs,
+                                       max_segment=longest)
+                assert _close(got, expected), (
+                    length, memory, longest, got, expected)
 
 
 @pytest.mark.parametrize("name", sorted(COSTS))
-@pytest.mark.parametrize("internal", [False, True])
-def test_tables_equal_the_recursions(name, internal, monkeypatch):
+def test_tables_equal_the_recursion(name, monkeypatch):
     # Small tiles and a coarse bound from 24 rows on, so that t of a few
     # tens goes through every part of the fill.
     monkeypatch.setattr(fused, "_TILE_ROWS", 4)
     monkeypatch.setattr(fused, "_COARSE_ROWS", 24)
     costs = COSTS[name]
-    expected = reference(costs, internal)
+    expected = reference(costs)
     for length in (30, 61):
         for memory in (3, 4.5, 7, 12.5, 30):
             if memory < fused.min_memory(costs):
                 continue
-            got = fused.fused_time(length, memory, costs, internal=internal)
+            got = fused.fused_time(length, memory, costs)
             assert _close(got, expected(length, float(memory))), (length, memory)
 
 
-@pytest.mark.parametrize("name", ["gpu", "gpu_chained", "no_calls",
-                                  "transient_input"])
+@pytest.mark.parametrize("name", ["gpu", "no_calls", "transient",
+                                  "odd_reserve"])
 def test_pruning_and_tiles_do_not_change_the_optimum(name, monkeypatch):
     costs = COSTS[name]
     cases = [(400, 12), (400, 30), (257, 45.5)]
     with_pruning = {}
     monkeypatch.setattr(fused, "_COARSE_ROWS", 100)
     for length, memory in cases:
-        for internal in (False, True):
-            with_pruning[length, memory, internal] = fused.fused_time(
-                length, memory, costs, internal=internal)
+        with_pruning[length, memory] = fused.fused_time(length, memory, costs)
     fused._cached_table.cache_clear()
     monkeypatch.setattr(fused, "_TILE_ROWS", 10**9)
     monkeypatch.setattr(fused, "_bound", lambda table: math.inf)
-    for (length, memory, internal), time in with_pruning.items():
-        plain = fused.fused_time(length, memory, costs, internal=internal)
-        assert _close(time, plain), (length, memory, internal, time, plain)
+    for (length, memory), time in with_pruning.items():
+        plain = fused.fused_time(length, memory, costs)
+        assert _close(time, plain), (length, memory, time, plain)
     fused._cached_table.cache_clear()
 
 
 def test_pruning_and_tiles_on_random_problems(monkeypatch):
     # Pruned, tiled tables (small tiles, coarse bound from 32 rows) against
-    # plain ones, over random costs, flags and budgets.
+    # plain ones, over random costs, budgets and leaf limits.
     rng = np.random.default_rng(7)
     problems = []
     for _ in range(40):
@@ -255,42 +211,36 @@ def test_pruning_and_tiles_on_random_problems(monkeypatch):
             float(rng.choice([0.0, 0.2, 3.0])), float(rng.choice([0.01, 1.0])),
             float(rng.choice([0.0, 0.7])), float(rng.choice([0.0, 0.5])),
             float(rng.choice([0.5, 1.0, 2.0])),
-            last_step_transient=bool(rng.integers(2)),
-            reserve_includes_input=bool(rng.integers(2)),
-            chained_advances=bool(rng.integers(2)))
+            last_step_transient=bool(rng.integers(2)))
         length = int(rng.integers(20, 120))
         memory = float(fused.min_memory(costs) + rng.uniform(0, 25))
-        problems.append((length, memory, costs, bool(rng.integers(2)),
-                         rng.choice([None, 7])))
+        problems.append((length, memory, costs, rng.choice([None, 7])))
     monkeypatch.setattr(fused, "_TILE_ROWS", 5)
     monkeypatch.setattr(fused, "_COARSE_ROWS", 32)
     fused._cached_table.cache_clear()
-    pruned = [fused.fused_time(t, m, c, internal=i, max_segment=s)
-              for t, m, c, i, s in problems]
+    pruned = [fused.fused_time(t, m, c, max_segment=s)
+              for t, m, c, s in problems]
     monkeypatch.setattr(fused, "_TILE_ROWS", 10**9)
     monkeypatch.setattr(fused, "_bound", lambda table: math.inf)
     fused._cached_table.cache_clear()
     for problem, time in zip(problems, pruned):
-        t, m, c, i, s = problem
-        plain = fused.fused_time(t, m, c, internal=i, max_segment=s)
+        t, m, c, s = problem
+        plain = fused.fused_time(t, m, c, max_segment=s)
         assert _close(time, plain), (problem, time, plain)
     fused._cached_table.cache_clear()
 
 
-def test_non_integer_reserve_plans_on_a_grid():
-    # r = 1.3 is not a multiple of 1/g for any grid up to 8: kept segments
-    # round their reserve up, so plans fit and cost at least the optimum of
-    # exact accounting, and at most that of r rounded up to 2.
-    costs = SegmentCosts(0.5, 0.05, 0.5, 0.1, 1.3)
-    rounded = SegmentCosts(0.5, 0.05, 0.5, 0.1, 2.0)
-    exact = reference(costs, internal=True)
+def test_non_integer_reserve_plans_exactly():
+    # r = 1.3 and budgets between whole slots: leaves are checked against
+    # the real units left, so plans equal the recursion on real memory, fit,
+    # and pass both simulators.
+    costs = COSTS["odd_reserve"]
+    exact = reference(costs)
     for length in (5, 20, 32):
         for memory in (3, 6.4, 11.9, 20):
-            plan = fused.make_fused_plan(length, memory, costs, internal=True)
+            plan = fused.make_fused_plan(length, memory, costs)
             _check(plan, length, memory)
-            assert plan.time >= exact(length, float(memory)) - 1e-9
-            assert plan.time <= fused.fused_time(
-                length, memory, rounded, internal=True) + 1e-9
+            assert _close(plan.time, exact(length, float(memory)))
 
 
 # -- monotonicity -------------------------------------------------------------
@@ -299,33 +249,27 @@ def test_non_integer_reserve_plans_on_a_grid():
 @pytest.mark.parametrize("name", ["gpu", "mixed", "step_loop"])
 def test_more_memory_never_takes_longer(name):
     costs = COSTS[name]
-    for internal in (False, True):
-        for length in (1, 9, 64, 150):
-            top = 2 + length * costs.reserve_units_per_step
-            memories = np.unique(np.round(np.geomspace(
-                fused.min_memory(costs), top, 30), 1))
-            times = [fused.fused_time(length, m, costs, internal=internal)
-                     for m in memories]
-            assert all(np.diff(times) <= 1e-9), (internal, length)
-            assert _close(times[-1], costs.leaf_time(length))
+    for length in (1, 9, 64, 150):
+        top = 2 + length * costs.reserve_units_per_step
+        memories = np.unique(np.round(np.geomspace(
+            fused.min_memory(costs), top, 30), 1))
+        times = [fused.fused_time(length, m, costs) for m in memories]
+        assert all(np.diff(times) <= 1e-9), length
+        assert _close(times[-1], costs.leaf_time(length))
 
 
-def test_richer_models_are_never_slower():
+def test_dearer_calls_are_never_faster():
+    dearer = SegmentCosts(2.0, 0.01, 1.5, 0.01, 1.0)
     for length, memory in ((50, 6), (300, 20), (1000, 50)):
-        leaves = fused.fused_time(length, memory, GPU)
-        kept = fused.fused_time(length, memory, GPU, internal=True)
-        chained = fused.fused_time(length, memory, COSTS["gpu_chained"])
-        assert kept <= leaves + 1e-9 and chained <= leaves + 1e-9
-        dearer = SegmentCosts(2.0, 0.01, 1.5, 0.01, 1.0)
-        assert fused.fused_time(length, memory, dearer) >= leaves
+        assert fused.fused_time(length, memory, dearer) >= fused.fused_time(
+            length, memory, GPU)
 
 
 # -- plans --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(COSTS))
-@pytest.mark.parametrize("internal", [False, True])
-def test_every_plan_passes_both_simulators(name, internal):
+def test_every_plan_passes_both_simulators(name):
     costs = COSTS[name]
     for length in (1, 2, 3, 7, 16, 45, 130):
         for memory in (2, 3, 4, 7, 12.5, 40, math.inf):
@@ -333,15 +277,12 @@ def test_every_plan_passes_both_simulators(name, internal):
                 continue
             for longest in (None, 5):
                 plan = fused.make_fused_plan(length, memory, costs,
-                                             internal=internal,
                                              max_segment=longest)
                 _check(plan, length, memory)
                 assert plan.time == fused.fused_time(
-                    length, memory, costs, internal=internal,
-                    max_segment=longest)
-                segments = plan.runs[np.isin(
-                    plan.runs[:, 0], (fused.LEAF, fused.FORWARD_KEEP)), 2]
-                assert segments.max() <= (longest or length)
+                    length, memory, costs, max_segment=longest)
+                leaves = plan.runs[plan.runs[:, 0] == fused.LEAF, 2]
+                assert leaves.max() <= (longest or length)
 
 
 def test_plan_layout():
@@ -350,7 +291,7 @@ def test_plan_layout():
     assert plan.runs[0].tolist() == [fused.STORE, 0, 0, 0]
     assert plan.runs[-1].tolist() == [fused.FREE, 0, 0, 0]
     assert not plan.runs.flags.writeable and not plan.plan.ops.flags.writeable
-    assert plan.scheme == plan.plan.scheme == "fused_hsm"
+    assert plan.scheme == plan.plan.scheme == fused.SCHEME == "fused_hsm"
     assert plan.plan.alpha == GPU.reserve_units_per_step
     sweep = plan.plan.ops[:plan.plan.forward_sweep_length]
     forwards = sweep[np.isin(sweep[:, 0], (plan_lib.FORWARD,
@@ -358,18 +299,15 @@ def test_plan_layout():
     np.testing.assert_array_equal(forwards[:, 1], np.arange(1, 201))
     assert len(plan.describe()) == len(plan.runs)
     assert fused.make_fused_plan(200, 20.0, GPU) is plan
-    assert fused.make_fused_plan(200, 20, GPU, internal=True) is not plan
+    assert fused.make_fused_plan(200, 20, GPU, max_segment=50) is not plan
 
 
 def test_every_run_opcode_is_exercised():
     seen = set()
-    for costs in (GPU, COSTS["gpu_chained"], COSTS["step_loop"],
-                  COSTS["transient_input"]):
+    for costs in (GPU, COSTS["step_loop"], COSTS["transient"]):
         for memory in (3, 6, 12, 40):
-            for internal in (False, True):
-                plan = fused.make_fused_plan(60, memory, costs,
-                                             internal=internal)
-                seen |= set(plan.runs[:, 0].tolist())
+            plan = fused.make_fused_plan(60, memory, costs)
+            seen |= set(plan.runs[:, 0].tolist())
     assert seen == set(fused.RUN_NAMES)
 
 
@@ -381,18 +319,13 @@ def test_large_call_costs_give_few_long_runs():
     # step forwarded at most twice, leaves nearly as long as fit beside the
     # states (98 steps beside h_0 and one state) and as few as that allows.
     length, memory = 1000, 100
-    for costs in (GPU, COSTS["gpu_chained"]):
-        for internal in (False, True):
-            plan = fused.make_fused_plan(length, memory, costs,
-                                         internal=internal)
-            _check(plan, length, memory)
-            assert _forwards_per_step(plan).max() <= 2
-            longest = memory - 2
-            assert plan.backward_calls <= math.ceil(length / longest) + 1
-            leaves = plan.runs[plan.runs[:, 0] == fused.LEAF, 2]
-            assert leaves.mean() >= 0.8 * longest
-    chained = fused.make_fused_plan(length, memory, COSTS["gpu_chained"])
-    assert chained.forward_calls == chained.backward_calls + 1  # one sweep
+    plan = fused.make_fused_plan(length, memory, GPU)
+    _check(plan, length, memory)
+    assert _forwards_per_step(plan).max() <= 2
+    longest = memory - 2
+    assert plan.backward_calls <= math.ceil(length / longest) + 1
+    leaves = plan.runs[plan.runs[:, 0] == fused.LEAF, 2]
+    assert leaves.mean() >= 0.8 * longest
 
 
 def test_call_costs_trade_steps_for_calls():
@@ -401,15 +334,14 @@ def test_call_costs_trade_steps_for_calls():
     # fewer calls and more steps. (Each plan is optimal for its costs, so
     # the inequalities hold; the strict ones show the trade.)
     for length, memory in ((1000, 10), (1000, 20), (300, 8)):
-        for internal in (False, True):
-            gpu = fused.make_fused_plan(length, memory, GPU, internal=internal)
-            cpu = fused.make_fused_plan(length, memory, CPU, internal=internal)
-            _check(gpu, length, memory)
-            _check(cpu, length, memory)
-            assert cpu.forward_steps < gpu.forward_steps
-            assert gpu.forward_calls < cpu.forward_calls
-            assert gpu.time <= fused.predicted_time(cpu, GPU) + 1e-9
-            assert cpu.time <= fused.predicted_time(gpu, CPU) + 1e-9
+        gpu = fused.make_fused_plan(length, memory, GPU)
+        cpu = fused.make_fused_plan(length, memory, CPU)
+        _check(gpu, length, memory)
+        _check(cpu, length, memory)
+        assert cpu.forward_steps < gpu.forward_steps
+        assert gpu.forward_calls < cpu.forward_calls
+        assert gpu.time <= fused.predicted_time(cpu, GPU) + 1e-9
+        assert cpu.time <= fused.predicted_time(gpu, CPU) + 1e-9
 
 
 def test_fused_runs_beat_one_step_per_call_on_a_gpu():
@@ -437,7 +369,7 @@ def _hand_plan(runs, **overrides):
     fields = dict(
         scheme="hand", length=3, memory=4.0, costs=GPU, time=5.08,
         forward_steps=5, forward_calls=3, backward_calls=2, peak_memory=3.0,
-        hidden_slots=1, reserve_slots=0, grid=1, plan=None)
+        hidden_slots=1, plan=None)
     fields.update(overrides)
     return fused.FusedPlan(runs=np.array(runs, dtype=np.int32), **fields)
 
@@ -452,18 +384,7 @@ def test_valid_hand_written_runs():
     result = simulator.simulate_runs(_hand_plan(VALID_RUNS))
     assert result == simulator.RunSimulationResult(
         time=pytest.approx(5.08), forward_steps=5, forward_calls=3,
-        backward_calls=2, peak_memory=3.0, peak_hidden_slots=1,
-        peak_reserve_slots=0)
-
-
-def test_kept_segment_hand_written_runs():
-    # Keep step 1 (1 unit), leaf over 2..3 from its end, restore nothing.
-    runs = [(fused.STORE, 0, 0, 0), (fused.FORWARD_KEEP, 0, 1, 0),
-            (fused.LEAF, 1, 2, 0), (fused.BACKWARD_KEPT, 0, 1, 0),
-            (fused.FREE, 0, 0, 0)]
-    plan = _hand_plan(runs, time=1.01 + 1.01 + 2.04, forward_steps=3,
-                      forward_calls=2, peak_memory=4.0, reserve_slots=1)
-    assert simulator.simulate_runs(plan).peak_reserve_slots == 1
+        backward_calls=2, peak_memory=3.0, peak_hidden_slots=1)
 
 
 @pytest.mark.parametrize(
@@ -476,8 +397,10 @@ def test_kept_segment_hand_written_runs():
          "backpropagates steps 1..1, but the next step to backpropagate is 2"),
         (_replaced(1, (fused.ADVANCE, 0, 3, 0)), {},
          "advances to h_3, but step 3 is the next to backpropagate"),
-        (_replaced(1, (fused.CONTINUE, 0, 2, 0)), {},
-         "CONTINUE needs costs.chained_advances"),
+        (_replaced(1, (max(fused.RUN_NAMES) + 1, 0, 2, 0)), {},
+         "unknown run opcode 5"),
+        (_replaced(3, (fused.RESTORE, 0, 0, 1)), {},
+         "hidden slot 1 is outside the plan's 1 slots"),
         (_replaced(3, (fused.RESTORE, 1, 0, 0)), {},
          "hidden slot 0 holds 0, not 1"),
         (VALID_RUNS, {"memory": 2.5}, "holds 3 units, over the budget of 2.5"),
@@ -485,33 +408,12 @@ def test_kept_segment_hand_written_runs():
         (VALID_RUNS, {"time": 6.0}, "took 5.08, predicted 6"),
         (VALID_RUNS, {"forward_calls": 2}, "predicted \\(5, 2, 2\\)"),
         (VALID_RUNS, {"peak_memory": 2.0}, "peak memory 3, predicted 2"),
-        (VALID_RUNS, {"hidden_slots": 2}, "allocates 2 and 0"),
-        ([(fused.STORE, 0, 0, 0), (fused.ADVANCE, 0, 1, 0),
-          (fused.FORWARD_KEEP, 1, 1, 0)], {"reserve_slots": 1},
-         "a kept segment from h_1 needs it stored"),
+        (VALID_RUNS, {"hidden_slots": 2}, "allocates 2"),
     ],
 )
 def test_run_violations_are_reported(runs, overrides, message):
     with pytest.raises(simulator.InvalidPlanError, match=message):
         simulator.simulate_runs(_hand_plan(runs, **overrides))
-
-
-def test_continued_advance_needs_an_open_call():
-    chained = COSTS["gpu_chained"]
-    runs = [(fused.STORE, 0, 0, 0), (fused.ADVANCE, 0, 1, 0),
-            (fused.STORE, 1, 0, 1), (fused.CONTINUE, 1, 1, 0),
-            (fused.LEAF, 2, 1, 0), (fused.RESTORE, 1, 0, 1),
-            (fused.LEAF, 1, 1, 0), (fused.FREE, 1, 0, 1),
-            (fused.RESTORE, 0, 0, 0), (fused.LEAF, 0, 1, 0),
-            (fused.FREE, 0, 0, 0)]
-    fields = dict(costs=chained, time=1.02 + 3 * 2.02, forward_steps=5,
-                  forward_calls=4, backward_calls=3, peak_memory=3.0,
-                  hidden_slots=2)
-    assert simulator.simulate_runs(_hand_plan(runs, **fields)).forward_calls == 4
-    broken = runs[:3] + [(fused.RESTORE, 1, 0, 1)] + runs[3:]
-    with pytest.raises(simulator.InvalidPlanError,
-                       match="CONTINUE must follow an advance"):
-        simulator.simulate_runs(_hand_plan(broken, **fields))
 
 
 # -- arguments ----------------------------------------------------------------
@@ -533,7 +435,6 @@ def test_budget_below_a_one_step_leaf_names_the_smallest_budget():
     [dict(length=0, memory=3), dict(length=2.5, memory=3),
      dict(length=10, memory="3"), dict(length=10, memory=float("nan")),
      dict(length=10, memory=3, max_segment=0),
-     dict(length=10, memory=3, internal=True, grid=0),
      dict(length=10, memory=3, costs="gpu")],
 )
 def test_invalid_arguments(kwargs):
