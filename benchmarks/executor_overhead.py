@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -236,8 +235,9 @@ def main(argv=None):
                       f"{row['memory_ratio']:>7.3f}")
     output = pathlib.Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    machine = (f"{platform.system()} {platform.machine()}, "
-               f"{os.cpu_count()} CPUs")
+    from measure import machine_description
+
+    machine = machine_description()
     output.with_suffix(".json").write_text(json.dumps(
         {"machine": machine, "config": vars(args), "results": results,
          "before": before},

@@ -37,6 +37,27 @@ import sys
 import time
 
 LAYERS = ("rnn", "lstm", "budget", "chunked")
+
+
+def machine_description():
+    """`"Linux x86_64, 2 CPUs, <processor model>"`: what a timing ran on.
+
+    The processor model matters: the same script's ratios moved by 1.5x
+    between two 2-core machines of one kind (an AMD EPYC and an Intel Xeon).
+    """
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{model}")
 CELLS = ("lstm", "gru")
 
 
