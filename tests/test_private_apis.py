@@ -55,38 +55,6 @@ def test_graph_or_parents_in_xla_context_tells_jit_compiled_functions():
     tf.function(probe, jit_compile=True)(tf.ones([2]))
     assert seen == {0: False, 1: True}
 
-def test_indexed_case_without_lowering_runs_only_the_taken_branch():
-    # keras_bptt/execution/interpreter.py (_switch): the switch between a
-    # program's kernels stays a functional Case op, which runs one branch.
-    from tensorflow.python.ops import cond_v2
-
-    calls = tf.Variable([0, 0, 0])
-
-    @tf.function
-    def switch(index):
-        def branch(k):
-            def fn():
-                with tf.control_dependencies(
-                        [calls.scatter_nd_add([[k]], [1])]):
-                    return tf.constant(10 * k)
-            return fn
-
-        out = cond_v2.indexed_case(
-            index, [branch(k) for k in range(3)],
-            lower_using_switch_merge=False)
-        return out
-
-    assert int(switch(tf.constant(2))) == 20
-    assert int(switch(tf.constant(0))) == 0
-    graph = switch.get_concrete_function(tf.constant(0)).graph
-    types = {op.type for op in graph.get_operations()}
-    assert "Case" in types or "StatelessCase" in types, types
-    case = next(op for op in graph.get_operations()
-                if op.type in ("Case", "StatelessCase"))
-    assert case.get_attr("_lower_using_switch_merge") is False
-    assert calls.numpy().tolist() == [1, 0, 1]
-
-
 def test_default_graph_inside_tf_function_lists_gradient_ops_after_forward_ops():
     # keras_bptt/execution/cell_memory.py (estimate_alpha) counts the forward
     # tensors that gradient ops, created after them, read.

@@ -37,15 +37,13 @@ last-in first-out, so a freed deep slot would otherwise keep its state alive
 until the plan stores that deep again (for MSM at 2% of an LSTM's standard
 BPTT, about 47 units beyond the plan's 61).
 
-Executor overhead. Every op of a loop body runs once per iteration, so the
-per-step body
+Executor overhead. Every op of a loop body runs once per iteration (and a
+`tf.switch_case` also walks its untaken branches), so the per-step body
 holds only what the run's signature needs: a kernel of a signature that
 never stores, restores or releases builds none of those ops, and carries
 as loop variables only the fields it changes (`_kernel_fields`). The
 switch between kernels runs once per run (a run of HSM at 5% of an LSTM's
-BPTT holds about 13 instructions; `store_all`'s program is three runs) and
-runs only the taken kernel (`_switch`: a lowered `tf.switch_case` would
-visit every node of every other kernel, per run).
+BPTT holds about 13 instructions; `store_all`'s program is three runs).
 Counters stay measured: each kernel adds its own increments, and peaks are
 taken only where a store can raise them. The forward loop likewise skips
 the early-release bookkeeping when the sweep releases nothing: its live
@@ -363,24 +361,6 @@ def _in_xla():
 
     return control_flow_util.GraphOrParentsInXlaContext(
         tf.compat.v1.get_default_graph())
-
-
-def _switch(index, branch_fns):
-    """`tf.switch_case`, run as one call of the taken branch.
-
-    TensorFlow lowers a `tf.switch_case` inside a `tf.function` to
-    switch/merge nodes, through which every node of every untaken branch is
-    visited once per execution: with a program's kernels as branches, each
-    a loop body of a cell's forward and backward, that cost a run as much
-    as several steps. Unlowered (a functional `Case` op), the switch runs
-    only the taken branch. Under XLA the switch is compiled and lowering
-    does not apply; run eagerly, `tf.switch_case` calls the taken branch.
-    """
-    if tf.executing_eagerly() or _in_xla():
-        return tf.switch_case(index, branch_fns=branch_fns)
-    from tensorflow.python.ops import cond_v2
-
-    return cond_v2.indexed_case(index, branch_fns, lower_using_switch_merge=False)
 
 
 def _prune(carry, fields):
@@ -869,8 +849,8 @@ class _Gradient:
     def run_program(self, runs, branches, signatures, carry):
         """Every run of `runs`, in an outer `tf.while_loop`.
 
-        Run r executes the kernel of `signatures[branches[r]]` (a `_switch`
-        per run, none for a single signature).
+        Run r executes the kernel of `signatures[branches[r]]` (a
+        `tf.switch_case` per run, none for a single signature).
         """
         fields = set().union(*(_kernel_fields(s) for s in signatures))
         width = program_lib.INSTRUCTION_WIDTH
@@ -891,7 +871,8 @@ class _Gradient:
             if len(kernels) == 1:
                 part = kernels[0]()
             else:
-                part = _switch(tf.gather(branches, state.index), kernels)
+                part = tf.switch_case(
+                    tf.gather(branches, state.index), branch_fns=kernels)
             return (_LoopState(state.index + 1, part),)
 
         (state,) = tf.while_loop(
