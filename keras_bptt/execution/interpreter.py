@@ -38,7 +38,16 @@ until the plan stores that deep again (for MSM at 2% of an LSTM's standard
 BPTT, about 47 units beyond the plan's 61).
 
 Executor overhead. Every op of a loop body runs once per iteration (and a
-`tf.switch_case` also walks its untaken branches), so the per-step body
+`tf.switch_case` also walks its untaken branches), and so does the loop's
+own machinery: each loop variable passes through TensorFlow's frame nodes
+(merge, switch, identity, next iteration) every iteration, which on a small
+cell costs about as much as the step's own ops. So a kernel whose runs are
+long (`_UNROLL_MIN_MEAN_RUN` instructions on average, in a static program)
+runs `_UNROLL` (4) instructions per iteration, then the remainder one at a
+time. Kernels of short runs are not unrolled: every run would pay for the
+second loop and, through the switch, for the larger kernel. The forward
+sweep is not unrolled: unrolled, it kept up to 2.4 times the memory
+(LSTMCell(64), batch 64, t=60; not understood). The per-step body
 holds only what the run's signature needs: a kernel of a signature that
 never stores, restores or releases builds none of those ops, and carries
 as loop variables only the fields it changes (`_kernel_fields`). The
@@ -218,6 +227,16 @@ class _BackwardCarry(typing.NamedTuple):
     counts: _Counts
     work: _Work
     tokens: _Tokens
+
+
+# Steps (instructions) per loop iteration: a loop iteration passes every
+# loop variable through TensorFlow's frame nodes, which cost as much as the
+# step's own ops on a small cell (module docstring, "Executor overhead").
+_UNROLL = 4
+# A kernel is unrolled when its runs hold this many instructions on average:
+# shorter runs would pay for the second loop and the larger kernel (every
+# run walks the untaken kernels of its switch) without using the unrolled one.
+_UNROLL_MIN_MEAN_RUN = 2 * _UNROLL
 
 
 class _LoopState(typing.NamedTuple):
@@ -411,8 +430,9 @@ class _StaticProgram:
         )
 
     def kernels(self):
-        """`(signatures, branches)`: the distinct run signatures, in order,
-        and the index into them of each run's (`run_program`)."""
+        """`(signatures, branches, unrolls)`: the distinct run signatures, in
+        order, the index into them of each run's, and each signature's
+        instructions per loop iteration (`run_program`)."""
         values = self.values
         runs = values.runs
         length = len(values.forward_store)
@@ -425,7 +445,13 @@ class _StaticProgram:
         signatures = sorted(set(of_run))
         index = {signature: i for i, signature in enumerate(signatures)}
         branches = np.array([index[s] for s in of_run], dtype=np.int32)
-        return signatures, branches
+        counts = runs[:, 0]
+        unrolls = [
+            _UNROLL if counts[branches == i].mean() >= _UNROLL_MIN_MEAN_RUN
+            else 1
+            for i in range(len(signatures))
+        ]
+        return signatures, branches, unrolls
 
 
 class _StateBytes(typing.NamedTuple):
@@ -816,10 +842,12 @@ class _Gradient:
 
     # -- runs ----------------------------------------------------------------
 
-    def run_kernel(self, run, carry, signature):
-        """The run's `count` instructions, in one inner `tf.while_loop`.
+    def run_kernel(self, run, carry, signature, unroll=1):
+        """The run's `count` instructions, in inner `tf.while_loop`s.
 
-        Instruction j is `first + j * delta`; only the columns the
+        The first runs `unroll` instructions per iteration, the second the
+        remaining `count % unroll` (all of them when `unroll` is 1), one per
+        iteration. Instruction j is `first + j * delta`; only the columns the
         signature reads are computed, and only the carry fields it changes
         are loop variables (`_kernel_fields`).
         """
@@ -833,25 +861,33 @@ class _Gradient:
                     program_lib.Instruction._fields, run.first, run.delta)
             ])
 
-        def body(state):
-            carry_j = self.execute(
-                instruction(state.index), _rejoin(state.carry, carry),
-                signature,
-            )
-            return (_LoopState(state.index + 1, _prune(carry_j, fields)),)
+        def body(unroll):
+            def run_instructions(state):
+                carry_j = _rejoin(state.carry, carry)
+                for u in range(unroll):
+                    carry_j = self.execute(
+                        instruction(state.index + u), carry_j, signature)
+                return (_LoopState(state.index + unroll,
+                                   _prune(carry_j, fields)),)
+            return run_instructions
 
+        state = _LoopState(tf.constant(0), _prune(carry, fields))
+        if unroll > 1:
+            whole = run.count - run.count % unroll
+            (state,) = tf.while_loop(
+                lambda state: state.index < whole, body(unroll), (state,))
         (state,) = tf.while_loop(
-            lambda state: state.index < run.count, body,
-            (_LoopState(tf.constant(0), _prune(carry, fields)),),
-        )
+            lambda state: state.index < run.count, body(1), (state,))
         return _rejoin(state.carry, carry)
 
-    def run_program(self, runs, branches, signatures, carry):
+    def run_program(self, runs, branches, signatures, carry, unrolls=None):
         """Every run of `runs`, in an outer `tf.while_loop`.
 
         Run r executes the kernel of `signatures[branches[r]]` (a
-        `tf.switch_case` per run, none for a single signature).
+        `tf.switch_case` per run, none for a single signature), unrolled
+        `unrolls[branches[r]]` times (default 1).
         """
+        unrolls = unrolls or [1] * len(signatures)
         fields = set().union(*(_kernel_fields(s) for s in signatures))
         width = program_lib.INSTRUCTION_WIDTH
 
@@ -865,8 +901,9 @@ class _Gradient:
             )
             carry_r = _rejoin(state.carry, carry)
             kernels = [
-                lambda s=s: _prune(self.run_kernel(run, carry_r, s), fields)
-                for s in signatures
+                lambda s=s, u=u: _prune(
+                    self.run_kernel(run, carry_r, s, u), fields)
+                for s, u in zip(signatures, unrolls)
             ]
             if len(kernels) == 1:
                 part = kernels[0]()
@@ -923,10 +960,10 @@ class _Gradient:
                     else tf.constant(rec.static.values.runs))
             branches = runs[:, 1 + program_lib.COLUMN.opcode]
             return self.run_program(runs, branches, signatures, carry)
-        signatures, branches = rec.static.kernels()
+        signatures, branches, unrolls = rec.static.kernels()
         return self.run_program(
             tf.constant(rec.static.values.runs), tf.constant(branches),
-            signatures, carry,
+            signatures, carry, unrolls,
         )
 
     def run(self):

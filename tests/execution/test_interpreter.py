@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from keras_bptt import MemoryBudgetRNN
 from keras_bptt.execution import program as program_lib
-from rnn_testing import outputs_and_gradients
+from rnn_testing import assert_same_results, outputs_and_gradients
 
 
 @pytest.mark.parametrize(
@@ -50,9 +50,16 @@ def _trace(length, units=8):
     return nodes, functions
 
 
-def test_graph_size_does_not_grow_with_length():
+def test_graph_size_does_not_grow_with_length(monkeypatch):
     # The graph (hence tracing time, which benchmarks measure) is the same
     # for t=1,000 and t=10,000: the program is data, not unrolled ops.
+    # (Kernels of long runs are unrolled four times, and runs grow with t at
+    # a fixed slot budget: with unrolling off the graphs must be equal, with
+    # it on a kernel may gain one loop, never more.)
+    from keras_bptt.execution import interpreter
+
+    unrolled = _trace(1_000), _trace(10_000)
+    monkeypatch.setattr(interpreter, "_UNROLL", 1)
     medium_nodes, medium_functions = _trace(1_000)
     long_nodes, long_functions = _trace(10_000)
     # (t=10 differs by two nodes: TensorFlow builds small zeros as constants;
@@ -61,6 +68,9 @@ def test_graph_size_does_not_grow_with_length():
     # do not: compare plans of one kind.)
     assert long_nodes == medium_nodes
     assert long_functions == medium_functions
+    for nodes, functions in unrolled:
+        assert nodes == medium_nodes
+        assert medium_functions <= functions <= medium_functions + 2 * 16
 
 
 def test_program_lowering_fuses_and_folds_operations():
@@ -154,3 +164,27 @@ def test_eager_gradients_leave_no_unused_tensor_array_errors():
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "done" in completed.stdout
     assert "never used" not in completed.stderr, completed.stderr[-2000:]
+
+
+@pytest.mark.parametrize("length", [24, 25, 26, 27])
+@pytest.mark.parametrize("scheme, budget", [("store_all", "100%"), ("recompute_all", 1)])
+def test_unrolled_kernels_equal_keras_for_every_remainder(scheme, budget, length):
+    # Kernels of long runs run four instructions per loop iteration and the
+    # remainder (0 to 3 of them) one at a time: each remainder is exact.
+    from keras_bptt.execution import interpreter
+    from keras_bptt.planning import budget as budget_lib
+
+    plan, program = program_lib.program_for(
+        length, 2, budget=budget_lib.parse_budget(budget), scheme=scheme,
+        state_bytes=4 * 4, alpha=1.0)
+    static = interpreter._StaticProgram.of(program.values())
+    _, _, unrolls = static.kernels()
+    assert interpreter._UNROLL in unrolls, (scheme, unrolls)
+    cell = keras.layers.SimpleRNNCell(4)
+    x = tf.random.stateless_normal((2, length, 3), seed=(length, 1))
+    reference = keras.layers.RNN(cell, return_sequences=True)
+    layer = MemoryBudgetRNN(cell, memory_budget=budget, scheme=scheme,
+                            return_sequences=True)
+    assert_same_results(outputs_and_gradients(reference, x),
+                        outputs_and_gradients(layer, x))
+    assert layer.last_plan.cost == plan.cost
