@@ -95,4 +95,5 @@ _CACHING_MODULES = (
     "keras_bptt.planning.budget_split",
     "keras_bptt.execution.program",
     "keras_bptt.execution.fused_kernels",
+    "keras_bptt.layers.calibration",
 )

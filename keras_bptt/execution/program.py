@@ -62,6 +62,7 @@ import typing
 
 import numpy as np
 
+from keras_bptt.planning import cost_model
 from keras_bptt.planning import plan as plan_lib
 from keras_bptt.planning import planner
 
@@ -286,6 +287,19 @@ class Program:
     @property
     def uses_internal_states(self):
         return self.internal_slots > 0
+
+    @property
+    def work(self):
+        """The `keras_bptt.planning.cost_model.StepWork` this program does."""
+        opcodes = self.instructions[:, COLUMN.opcode]
+        return cost_model.StepWork(
+            backward=int(np.sum(opcodes == EXEC_BACKWARD)),
+            backward_internal=int(np.sum(opcodes == EXEC_BACKWARD_INTERNAL)),
+            forward=int(np.sum(opcodes == EXEC_FORWARD)),
+            forward_internal=int(np.sum(opcodes == EXEC_FORWARD_STORE_INTERNAL)),
+            sweep_internal=self.length if self.uses_internal_states else 0,
+            runs=len(self.runs),
+        )
 
     @property
     def expected_counts(self):
@@ -577,6 +591,7 @@ def program_for(
     state_bytes,
     alpha,
     internal_states_supported=False,
+    step_costs=None,
 ):
     """The cached `Program` for one sequence length and batch size.
 
@@ -589,17 +604,38 @@ def program_for(
         alpha: Internal/hidden size ratio.
         internal_states_supported: Whether `"auto"` may pick schemes that
             store internal states.
+        step_costs: Optional `keras_bptt.planning.cost_model.StepCosts`.
+            With `"auto"`, the plan of each fitting scheme
+            (`planner.auto_candidates`) is compiled and the one with the
+            fewest predicted seconds (`StepCosts.seconds(program.work)`)
+            runs, instead of the one with the fewest forward steps.
 
     Returns:
         `(plan, program)`.
     """
     slots = budget.to_slots(length, state_bytes * batch_size, alpha)
+    if scheme == "auto" and step_costs is not None:
+        candidates = [
+            _compiled(planner.make_plan(
+                length, slots, scheme=name, alpha=alpha, **options), slots)
+            for name, options in planner.auto_candidates(
+                length, slots, alpha,
+                internal_states_supported=internal_states_supported)
+        ]
+        # min keeps the first of equal times: the step model's ranking.
+        return min(candidates,
+                   key=lambda pair: step_costs.seconds(pair[1].work))
     options = (
         {"internal_states_supported": internal_states_supported}
         if scheme == "auto"
         else {}
     )
     plan = planner.make_plan(length, slots, scheme=scheme, alpha=alpha, **options)
+    return _compiled(plan, slots)
+
+
+def _compiled(plan, slots):
+    """`(plan, program)` with the program's plan facts filled in."""
     program = dataclasses.replace(
         compile_program(plan), plan_cost=plan.cost, budget_slots=float(slots)
     )

@@ -9,6 +9,7 @@ import tensorflow as tf
 from tensorflow.python.eager import record
 
 from keras_bptt.planning import budget as budget_lib
+from keras_bptt.planning import cost_model
 from keras_bptt.execution import cell_memory
 from keras_bptt.planning import fused as planner_fused
 from keras_bptt.execution import stats as execution_stats
@@ -183,6 +184,33 @@ def _segment_costs(costs):
     )
 
 
+def _step_costs(costs, scheme):
+    if costs is None:
+        return None
+    if scheme != "auto":
+        raise ValueError(
+            f"step_costs ranks the plans of scheme='auto'; with "
+            f"scheme={scheme!r} there is nothing to rank. Drop step_costs, "
+            "or use scheme='auto'."
+        )
+    if costs == "calibrate" or isinstance(costs, cost_model.StepCosts):
+        return costs
+    if isinstance(costs, dict):
+        fields = {f.name for f in dataclasses.fields(cost_model.StepCosts)}
+        unknown = sorted(set(costs) - fields)
+        if unknown:
+            raise ValueError(
+                f"step_costs has unknown fields {unknown}; the fields of "
+                f"StepCosts are {sorted(fields)}."
+            )
+        return cost_model.StepCosts(**costs)
+    raise ValueError(
+        f"step_costs={costs!r}; expected None (rank by forward steps), "
+        "'calibrate', a keras_bptt.planning.cost_model.StepCosts or a dict "
+        "of its fields."
+    )
+
+
 @dataclasses.dataclass
 class _FusedProgram:
     """What the layer records of a fused plan (as `ProgramValues` gives).
@@ -254,6 +282,15 @@ class MemoryBudgetRNN(keras.layers.RNN):
             (a `keras_bptt.planning.fused.SegmentCosts` or a dict of its
             fields); `None` (default) measures them on the device at the
             first call (`keras_bptt.execution.fused_kernels.calibrate`, cached).
+        step_costs: Keyword-only, with `scheme="auto"`. How `"auto"` ranks
+            the fitting plans: `None` (default) by forward steps, the
+            paper's cost model; a `keras_bptt.planning.cost_model.StepCosts`
+            (or a dict of its fields) by predicted seconds on the device
+            it was measured on (`keras_bptt.layers.calibration
+            .calibrate_step_costs`); `"calibrate"` measures them for this
+            cell and batch at the first call (seconds to tens of seconds,
+            cached per process; needs a static batch size). See
+            `docs/cost-model.md`, "Calibrated step costs".
 
     Call arguments:
         sequences, initial_state, mask, training: As in `keras.layers.RNN`.
@@ -304,6 +341,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
         report_metrics="auto",
         fused="auto",
         segment_costs=None,
+        step_costs=None,
         **kwargs,
     ):
         _require_tensorflow_backend()
@@ -341,6 +379,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             # cuDNN's ops have no XLA kernel (as keras.layers.LSTM).
             self.supports_jit = False
         self.segment_costs = _segment_costs(segment_costs)
+        self.step_costs = _step_costs(step_costs, self.scheme)
         self.last_fused_plan = None
         self.last_fused_prediction = None
         self._alpha = None
@@ -402,7 +441,32 @@ class MemoryBudgetRNN(keras.layers.RNN):
             )
         return self._alpha
 
-    def _program_tensors(self, length, batch_size, state_bytes, alpha, internal):
+    def _calibrated_step_costs(self, batch_size, features):
+        """The `StepCosts` "auto" ranks by, measured now if asked for."""
+        if self.step_costs != "calibrate":
+            return self.step_costs
+        if batch_size is None:
+            raise ValueError(
+                f"{self.name}: step_costs='calibrate' measures the cell at "
+                "the batch size it trains with, which is unknown while "
+                "tracing. Give the model a static batch size "
+                "(keras.Input(batch_shape=...)), or measure once with "
+                "keras_bptt.layers.calibration.calibrate_step_costs(cell, "
+                "batch_size, features) and pass the result as step_costs."
+            )
+        from keras_bptt.layers import calibration
+
+        return calibration.calibrate_step_costs(
+            self.cell, batch_size, features, dtype=self.compute_dtype)
+
+    def _program_tensors(self, length, batch_size, state_bytes, alpha, internal,
+                         features):
+        static_length = length if isinstance(length, int) else None
+        static_batch = batch_size if isinstance(batch_size, int) else None
+        step_costs = None
+        if self.scheme == "auto":
+            step_costs = self._calibrated_step_costs(static_batch, features)
+
         def lookup(t, batch):
             plan, program = program_lib.program_for(
                 int(t),
@@ -412,12 +476,12 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 state_bytes=state_bytes,
                 alpha=alpha,
                 internal_states_supported=internal,
+                step_costs=step_costs,
             )
             self.last_plan = plan
+            self._last_program = program
             return program
 
-        static_length = length if isinstance(length, int) else None
-        static_batch = batch_size if isinstance(batch_size, int) else None
         if static_length is not None and (
             static_batch is not None or not self._budget.depends_on_batch_size
         ):
@@ -557,6 +621,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 state_bytes,
                 alpha,
                 internal_step is not None,
+                int(np.prod(sequences.shape[2:])),
             )
             run = functools.partial(
                 executor.run_recurrence,
@@ -611,6 +676,11 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 "scheme": self.scheme,
                 "report_metrics": self.report_metrics,
                 "fused": self.fused,
+                "step_costs": (
+                    dataclasses.asdict(self.step_costs)
+                    if isinstance(self.step_costs, cost_model.StepCosts)
+                    else self.step_costs
+                ),
                 "segment_costs": (
                     None if self.segment_costs is None
                     else dataclasses.asdict(self.segment_costs)

@@ -499,6 +499,22 @@ _SCHEME_OPTIONS = {
 }
 
 
+def auto_candidates(length, memory, alpha=1.0, **options):
+    """The schemes `"auto"` chooses among, best first by the step model.
+
+    Each entry is `(scheme, scheme_options)` for a scheme that fits in
+    `memory` slots, ranked as `_auto_scheme` ranks them. A caller with a
+    calibrated model (`keras_bptt.planning.cost_model.StepCosts`) ranks
+    the plans of these candidates by predicted seconds instead
+    (`keras_bptt.execution.program.program_for`).
+    """
+    length = _check_length(length)
+    alpha = _check_alpha(alpha)
+    memory = _check_memory(memory)
+    return [(scheme, scheme_options) for _, _, scheme, scheme_options
+            in sorted(_ranked_auto_schemes(length, memory, alpha, options))]
+
+
 def _auto_scheme(length, memory, alpha, options):
     """The fitting scheme with the lowest predicted time, and its options.
 
@@ -508,6 +524,13 @@ def _auto_scheme(length, memory, alpha, options):
     first scheme of `_AUTO_PREFERENCE` (`msm_early` only when strictly
     cheaper than every other scheme).
     """
+    _, _, scheme, scheme_options = min(
+        _ranked_auto_schemes(length, memory, alpha, options))
+    return scheme, scheme_options
+
+
+def _ranked_auto_schemes(length, memory, alpha, options):
+    """`(ratio, preference, scheme, scheme_options)` of each fitting scheme."""
     _check_options("auto", options)
     options = dict(options)
     internal_states = options.pop("internal_states_supported", True)
@@ -532,8 +555,7 @@ def _auto_scheme(length, memory, alpha, options):
         ranked.append((ratio, _AUTO_PREFERENCE.index(scheme), scheme, scheme_options))
     if not ranked:
         raise _budget_too_small("auto", length, memory, alpha, needed=1.0)
-    _, _, scheme, scheme_options = min(ranked)
-    return scheme, scheme_options
+    return ranked
 
 
 def _check_length(length):

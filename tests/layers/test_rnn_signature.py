@@ -21,7 +21,8 @@ import keras_bptt
 from keras_bptt import MemoryBudgetRNN
 
 DATA = pathlib.Path(__file__).parents[1] / "data"
-OWN_ARGUMENTS = ("memory_budget", "scheme", "report_metrics", "fused", "segment_costs")
+OWN_ARGUMENTS = ("memory_budget", "scheme", "report_metrics", "fused", "segment_costs",
+                 "step_costs")
 
 
 def _parameters(function):
