@@ -40,14 +40,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 # name -> (units, batch)
 SIZES = {"large": (256, 32), "small": (128, 8)}
-# name -> (memory_budget, scheme, jit_compile); None: keras.layers.RNN.
+# name -> (memory_budget, scheme, jit_compile, step_costs); None:
+# keras.layers.RNN. "calibrate": `auto` ranked by calibrated seconds
+# (docs/cost-model.md), measured at the model's first call.
 CONFIGS = {
     "rnn": None,
-    "auto 5%": ("5%", "auto", False),
-    "hsm 5%": ("5%", "hsm", False),
-    "msm 5%": ("5%", "msm", False),
-    "store_all 100%": ("100%", "store_all", False),
-    "hsm 5% XLA": ("5%", "hsm", True),
+    "auto 5%": ("5%", "auto", False, None),
+    "auto 5% calibrated": ("5%", "auto", False, "calibrate"),
+    "hsm 5%": ("5%", "hsm", False, None),
+    "msm 5%": ("5%", "msm", False, None),
+    "store_all 100%": ("100%", "store_all", False, None),
+    "hsm 5% XLA": ("5%", "hsm", True, None),
 }
 
 
@@ -74,10 +77,10 @@ def _time_size(units, batch, length, features, rounds, names):
             )
             jit = False
         else:
-            budget, scheme, jit = config
+            budget, scheme, jit, step_costs = config
             model, layer = _build_model(
                 "budget", length, batch, units, features, budget, scheme,
-                fused=False,
+                fused=False, step_costs=step_costs,
             )
         if reference is None:
             reference = model
@@ -127,10 +130,10 @@ def _memory(units, batch, length, features, name):
     if config is None:
         result = measure_in_subprocess(layer="rnn", **common)
     else:
-        budget, scheme, jit = config
+        budget, scheme, jit, step_costs = config
         result = measure_in_subprocess(
             layer="budget", memory_budget=budget, scheme=scheme,
-            jit_compile=jit, fused=False, **common,
+            jit_compile=jit, fused=False, step_costs=step_costs, **common,
         )
     return result["step_peak_bytes"]
 
@@ -143,7 +146,7 @@ def _plot(results, path, before=None):
 
     figure, axes = plt.subplots(
         1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    markers = dict(zip(CONFIGS, "o^sDvP"))
+    markers = dict(zip(CONFIGS, "o^*sDvP"))
     for column, (size, rows) in enumerate(results.items()):
         ax = axes[0][column]
         for name, row in rows.items():
@@ -211,26 +214,27 @@ def main(argv=None):
         results[size] = rows
         print(f"\nLSTMCell({units}), batch {batch}, t={args.length}, "
               f"features {args.features}; median of {args.rounds} rounds")
-        print(f"{'config':<16}{'step s':>9}{'x rnn':>8}{'peak MiB':>10}"
-              f"{'x rnn':>8}{'plan cost':>10}{'recomputed':>11}{'planned':>9}")
+        print(f"{'config':<20}{'step s':>9}{'x rnn':>8}{'peak MiB':>10}"
+              f"{'x rnn':>8}{'plan':>10}{'plan cost':>10}{'recomputed':>11}{'planned':>9}")
         for name, row in rows.items():
             counters = row.get("counters", {})
-            print(f"{name:<16}{row['step_seconds']:>9.4f}"
+            print(f"{name:<20}{row['step_seconds']:>9.4f}"
                   f"{row['time_ratio']:>8.2f}"
                   f"{row['step_peak_bytes'] / 2**20:>10.2f}"
                   f"{row['memory_ratio']:>8.3f}"
+                  f"{row.get('plan_scheme', ''):>10}"
                   f"{row.get('plan_cost', ''):>10}"
                   f"{counters.get('measured/recomputed_steps', ''):>11}"
                   f"{counters.get('planned/recomputed_steps', ''):>9}")
         if before and size in before:
             print(f"\nbefore ({args.before}) and now, ratios to keras.layers.RNN")
-            print(f"{'config':<16}{'time before':>12}{'now':>7}"
+            print(f"{'config':<20}{'time before':>12}{'now':>7}"
                   f"{'memory before':>15}{'now':>7}")
             for name, row in rows.items():
                 old = before[size].get(name)
                 if old is None or name == "rnn":
                     continue
-                print(f"{name:<16}{old['time_ratio']:>12.2f}"
+                print(f"{name:<20}{old['time_ratio']:>12.2f}"
                       f"{row['time_ratio']:>7.2f}{old['memory_ratio']:>15.3f}"
                       f"{row['memory_ratio']:>7.3f}")
     output = pathlib.Path(args.output)

@@ -112,7 +112,7 @@ def _chunked_layer(units, cell, length):
 
 
 def _build_model(layer, length, batch, units, features, memory_budget, scheme,
-                 cell="lstm", fused="auto"):
+                 cell="lstm", fused="auto", step_costs=None):
     import keras
 
     from keras_bptt import MemoryBudgetRNN
@@ -125,7 +125,7 @@ def _build_model(layer, length, batch, units, features, memory_budget, scheme,
     elif layer == "budget":
         rnn = MemoryBudgetRNN(
             make_cell(units), memory_budget=memory_budget, scheme=scheme,
-            fused=fused,
+            fused=fused, step_costs=step_costs,
         )
     elif layer == "chunked":
         rnn = _chunked_layer(units, cell, length)
@@ -149,6 +149,7 @@ def measure_step(
     device=None,
     cell="lstm",
     fused="auto",
+    step_costs=None,
 ):
     """Measures one training step in this process (TensorFlow imported here).
 
@@ -172,7 +173,8 @@ def measure_step(
     if problem is not None:
         raise RuntimeError(problem)
     model, rnn = _build_model(
-        layer, length, batch, units, features, memory_budget, scheme, cell, fused
+        layer, length, batch, units, features, memory_budget, scheme, cell, fused,
+        step_costs,
     )
     optimizer = keras.optimizers.SGD(1e-3)
     rng = tf.random.Generator.from_seed(0)
@@ -217,6 +219,7 @@ def measure_step(
         "scheme": scheme,
         "cell": cell,
         "fused": fused,
+        "step_costs": step_costs,
         "jit_compile": jit_compile,
         "device": device,
         "peak_bytes": int(peak),
