@@ -39,7 +39,7 @@ from keras_bptt.planning import cost_model
 _HIDDEN_PLANS = (("hsm", "100%"), ("hsm", "20%"), ("hsm", "5%"))
 _INTERNAL_PLANS = (("store_all", "100%"), ("ism", "100%"), ("msm", "20%"),
                    ("msm", "5%"))
-DEFAULT_LENGTHS = (64, 256)
+DEFAULT_LENGTHS = (128, 512)
 
 _CALIBRATIONS = {}
 
