@@ -7,7 +7,8 @@ Backpropagation Through Time" (NIPS 2016) as an executor of the gradient
 shell (`keras_bptt.execution.shell`, the one `tf.custom_gradient` function
 around the whole recurrence).
 
-* Its forward pass is one `tf.while_loop` over the time steps. It computes the
+* Its forward pass is a `tf.while_loop` over the time steps (four per
+  iteration, then the remainder: "Executor overhead" below). It computes the
   outputs and writes into the buffers only the hidden and internal states
   the plan's first sweep stores (`Program.forward_store`,
   `Program.forward_internal`), and counts the hidden states the sweep
