@@ -37,6 +37,7 @@ import sys
 import time
 
 LAYERS = ("rnn", "lstm", "budget", "chunked")
+CELLS = ("lstm", "gru")
 
 
 def machine_description():
@@ -58,7 +59,6 @@ def machine_description():
         pass
     return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
             f"{model}")
-CELLS = ("lstm", "gru")
 
 
 def _parse_budget_argument(value):

@@ -390,6 +390,32 @@ def _in_xla():
         tf.compat.v1.get_default_graph())
 
 
+def _unrolled_while_loop(step, state, index, start, limit, unroll,
+                         parallel_iterations=10):
+    """`state = step(state)` while `index(state) < limit`, from `start`.
+
+    The index must grow by one per step. With `unroll > 1` a first
+    `tf.while_loop` runs `unroll` steps per iteration while a whole group of
+    them remains, a second the rest one at a time ("Executor overhead").
+    """
+    def steps(count):
+        def body(state):
+            for _ in range(count):
+                state = step(state)
+            return (state,)
+        return body
+
+    if unroll > 1:
+        whole = limit - (limit - start) % unroll
+        (state,) = tf.while_loop(
+            lambda state: index(state) < whole, steps(unroll), (state,),
+            parallel_iterations=parallel_iterations)
+    (state,) = tf.while_loop(
+        lambda state: index(state) < limit, steps(1), (state,),
+        parallel_iterations=parallel_iterations)
+    return state
+
+
 def _prune(carry, fields):
     """`carry` with the fields outside `fields` set to () (not loop vars)."""
     return carry._replace(
@@ -565,7 +591,7 @@ class _Recurrence:
             element_shape=output0.shape,
         ).write(0, output0)
 
-        def body(carry):
+        def step(carry):
             output, new_states, internal = self.step_at(carry.i, carry.states)
             bufs, ibufs, counts = self.sweep_store(
                 carry.i, carry.states, internal, carry.bufs, carry.ibufs,
@@ -574,27 +600,17 @@ class _Recurrence:
             outputs = carry.outputs
             if self.return_sequences:
                 outputs = outputs.write(carry.i, output)
-            return (_ForwardCarry(carry.i + 1, carry.states, new_states, output,
-                                  outputs, bufs, ibufs, counts),)
+            return _ForwardCarry(carry.i + 1, carry.states, new_states, output,
+                                 outputs, bufs, ibufs, counts)
 
-        def steps(unroll):
-            def run_steps(carry):
-                for _ in range(unroll):
-                    (carry,) = body(carry)
-                return (carry,)
-            return run_steps
-
-        carry = _ForwardCarry(tf.constant(1), states0, states1, output0,
-                              outputs, bufs, ibufs, counts)
-        unroll = 1 if _in_xla() else _UNROLL
-        if unroll > 1:
-            whole = self.length - (self.length - 1) % unroll
-            (carry,) = tf.while_loop(
-                lambda carry: carry.i < whole, steps(unroll), (carry,),
-                parallel_iterations=_SWEEP_PARALLEL_ITERATIONS)
-        (carry,) = tf.while_loop(
-            lambda carry: carry.i < self.length, body, (carry,),
-            parallel_iterations=_SWEEP_PARALLEL_ITERATIONS)
+        carry = _unrolled_while_loop(
+            step,
+            _ForwardCarry(tf.constant(1), states0, states1, output0, outputs,
+                          bufs, ibufs, counts),
+            index=lambda carry: carry.i, start=1, limit=self.length,
+            unroll=1 if _in_xla() else _UNROLL,
+            parallel_iterations=_SWEEP_PARALLEL_ITERATIONS,
+        )
         counts = carry.counts
         if not self.sweep_releases:
             counts = _take_peaks(counts, sizes)
@@ -881,23 +897,18 @@ class _Gradient:
                     program_lib.Instruction._fields, run.first, run.delta)
             ])
 
-        def body(unroll):
-            def run_instructions(state):
-                carry_j = _rejoin(state.carry, carry)
-                for u in range(unroll):
-                    carry_j = self.execute(
-                        instruction(state.index + u), carry_j, signature)
-                return (_LoopState(state.index + unroll,
-                                   _prune(carry_j, fields)),)
-            return run_instructions
+        def step(state):
+            carry_j = self.execute(
+                instruction(state.index), _rejoin(state.carry, carry),
+                signature,
+            )
+            return _LoopState(state.index + 1, _prune(carry_j, fields))
 
-        state = _LoopState(tf.constant(0), _prune(carry, fields))
-        if unroll > 1:
-            whole = run.count - run.count % unroll
-            (state,) = tf.while_loop(
-                lambda state: state.index < whole, body(unroll), (state,))
-        (state,) = tf.while_loop(
-            lambda state: state.index < run.count, body(1), (state,))
+        state = _unrolled_while_loop(
+            step, _LoopState(tf.constant(0), _prune(carry, fields)),
+            index=lambda state: state.index, start=0, limit=run.count,
+            unroll=unroll,
+        )
         return _rejoin(state.carry, carry)
 
     def run_program(self, runs, branches, signatures, carry, unrolls=None):

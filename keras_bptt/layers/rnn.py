@@ -164,20 +164,26 @@ def _validate_fused(fused, scheme, cell):
 _REMOVED_SEGMENT_COSTS_FIELDS = ("reserve_includes_input", "chained_advances")
 
 
+def _dataclass_of(cls, argument, fields):
+    """`cls(**fields)`, a `ValueError` naming `argument` for unknown keys."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(known), key=str)
+    if unknown:
+        raise ValueError(
+            f"{argument} has unknown fields {unknown}; the fields of "
+            f"{cls.__module__}.{cls.__name__} are {known}."
+        )
+    return cls(**fields)
+
+
 def _segment_costs(costs):
     if costs is None or isinstance(costs, planner_fused.SegmentCosts):
         return costs
     if isinstance(costs, dict):
-        fields = {key: value for key, value in costs.items()
-                  if key not in _REMOVED_SEGMENT_COSTS_FIELDS}
-        known = [f.name for f in dataclasses.fields(planner_fused.SegmentCosts)]
-        unknown = sorted(set(fields) - set(known), key=str)
-        if unknown:
-            raise ValueError(
-                f"segment_costs has unknown fields {unknown}; the fields of "
-                f"keras_bptt.planning.fused.SegmentCosts are {known}."
-            )
-        return planner_fused.SegmentCosts(**fields)
+        return _dataclass_of(
+            planner_fused.SegmentCosts, "segment_costs",
+            {key: value for key, value in costs.items()
+             if key not in _REMOVED_SEGMENT_COSTS_FIELDS})
     raise ValueError(
         f"segment_costs={costs!r}; expected None (calibrate on the device), a "
         "keras_bptt.planning.fused.SegmentCosts or a dict of its fields."
@@ -196,14 +202,7 @@ def _step_costs(costs, scheme):
     if costs == "calibrate" or isinstance(costs, cost_model.StepCosts):
         return costs
     if isinstance(costs, dict):
-        fields = {f.name for f in dataclasses.fields(cost_model.StepCosts)}
-        unknown = sorted(set(costs) - fields)
-        if unknown:
-            raise ValueError(
-                f"step_costs has unknown fields {unknown}; the fields of "
-                f"StepCosts are {sorted(fields)}."
-            )
-        return cost_model.StepCosts(**costs)
+        return _dataclass_of(cost_model.StepCosts, "step_costs", costs)
     raise ValueError(
         f"step_costs={costs!r}; expected None (rank by forward steps), "
         "'calibrate', a keras_bptt.planning.cost_model.StepCosts or a dict "
@@ -463,9 +462,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
                          features):
         static_length = length if isinstance(length, int) else None
         static_batch = batch_size if isinstance(batch_size, int) else None
-        step_costs = None
-        if self.scheme == "auto":
-            step_costs = self._calibrated_step_costs(static_batch, features)
+        step_costs = self._calibrated_step_costs(static_batch, features)
 
         def lookup(t, batch):
             plan, program = program_lib.program_for(
