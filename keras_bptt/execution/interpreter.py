@@ -51,7 +51,11 @@ sweep runs `_UNROLL` steps per iteration too, with at most
 `_SWEEP_PARALLEL_ITERATIONS` (2) iterations in flight: with TensorFlow's
 default of 10 it kept up to 2.6 times the memory (LSTMCell(64), batch 64,
 t=60: 2.96 MB against 1.15 MB; with 2, 1.05 MB). Under XLA, which compiles
-the loops, nothing is unrolled. The per-step body
+the loops, nothing is unrolled, and freed slots are not cleared: there a
+buffer is one preallocated array, so clearing frees nothing, and a write
+into a buffer in the iteration that reads it made XLA copy the whole buffer
+every step (store_all at LSTMCell(256), batch 32, t=1000: 45.6 s a step,
+0.99 s without those writes). The per-step body
 holds only what the run's signature needs: a kernel of a signature that
 never stores, restores or releases builds none of those ops, and carries
 as loop variables only the fields it changes (`_kernel_fields`). The
@@ -684,6 +688,10 @@ class _Gradient:
         # LIFO slots, MSM's deepest slots hold stale states for most of the
         # loop). The zeros keep no forward tensor alive (constants when
         # shapes are static).
+        # Under XLA a buffer is one preallocated array: clearing a slot frees
+        # nothing, and a write into the buffer after its read made XLA copy
+        # the whole buffer every step (module docstring, "Executor overhead").
+        self.clears_freed_slots = not _in_xla()
         batch_size = tf.shape(self.rec.x)[0]
         self.hidden_filler = [
             _zeros_like_state(s, batch_size) for s in residuals.states0]
@@ -803,7 +811,7 @@ class _Gradient:
         top = tf.cast(live, tf.int32) - 1
         # Written after the restore's read, which the write would else copy.
         with tf.control_dependencies(carry.register):
-            for j in range(writes):
+            for j in range(writes if self.clears_freed_slots else 0):
                 freed = top - j
                 if not exact:
                     freed = tf.where(ins.releases > j, freed, self.rec.scratch_slot)
@@ -850,10 +858,12 @@ class _Gradient:
         )
         # BACKWARD_INTERNAL frees the slot: free its state too (after the
         # read, which the write would else copy).
-        with tf.control_dependencies(internal):
-            freed = _write_slot(carry.ibufs, ins.internal_slot, self.internal_filler)
+        ibufs = carry.ibufs
+        if self.clears_freed_slots:
+            with tf.control_dependencies(internal):
+                ibufs = _write_slot(ibufs, ins.internal_slot, self.internal_filler)
         return self.accumulate(carry, step, gradients)._replace(
-            ibufs=freed,
+            ibufs=ibufs,
             work=work._replace(backwards=work.backwards + 1),
             counts=counts._replace(live_internal=counts.live_internal - 1),
         )
