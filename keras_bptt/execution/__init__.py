@@ -5,6 +5,8 @@
 * `program` -- a `Plan` compiled to instructions the interpreter reads.
 * `interpreter` -- the executor of a program: `tf.while_loop`s that run it,
   step by step.
+* `jax_executor` -- the same program run in JAX (`jax.custom_vjp`); imports
+  JAX only, and nothing imports it but its users.
 * `steps` -- one recurrent step of a Keras cell (masks, dropout) as the
   interpreter calls it.
 * `internal_states` -- cells whose internal state (gate activations) can be
