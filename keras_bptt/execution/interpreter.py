@@ -100,6 +100,7 @@ Known limitations:
   time on a 2-core CPU.
 """
 
+import functools
 import typing
 
 import numpy as np
@@ -493,6 +494,21 @@ class _StaticProgram:
         return signatures, branches, unrolls
 
 
+def _branches_of(signatures, runs, scratch_slot, length):
+    """Each run's kernel: the index of its signature in `signatures`, or,
+    for another signature, `len(signatures)` plus its opcode (the general
+    kernels that follow them)."""
+    index = {signature: i for i, signature in enumerate(signatures)}
+    width = program_lib.INSTRUCTION_WIDTH
+    branches = []
+    for run in runs:
+        row = run[1 : 1 + width]
+        signature = program_lib.signature_of(row, int(scratch_slot), int(length))
+        branches.append(index.get(
+            signature, len(signatures) + int(row[program_lib.COLUMN.opcode])))
+    return np.asarray(branches, np.int32)
+
+
 class _StateBytes(typing.NamedTuple):
     """Bytes of one stored hidden state and of one stored internal state."""
 
@@ -508,11 +524,14 @@ class _Recurrence:
     so that both phases read them as the function's inputs.
     """
 
-    def __init__(self, step_fn, internal_step, x, mask, program, options):
+    def __init__(self, step_fn, internal_step, x, mask, program, options,
+                 kernel_hint=None):
         self.step_fn = step_fn
         self.internal_step = internal_step
         self.x, self.mask, self.program = x, mask, program
         self.go_backwards, self.return_sequences, self.input_gradient = options
+        self.kernel_hint = (None if kernel_hint is None
+                            else _StaticProgram(kernel_hint.values()))
         self.length = tf.shape(x)[1]
         self.scratch_slot = program.hidden_slots
         self.internal_scratch = program.internal_slots
@@ -1001,7 +1020,18 @@ class _Gradient:
             runs = (rec.program.runs if rec.static is None
                     else tf.constant(rec.static.values.runs))
             branches = runs[:, 1 + program_lib.COLUMN.opcode]
-            return self.run_program(runs, branches, signatures, carry)
+            if rec.kernel_hint is None or _in_xla():
+                return self.run_program(runs, branches, signatures, carry)
+            # The hint's kernels first; a run of another signature takes the
+            # general kernel of its opcode (docs/executor.md, "Padded
+            # batches: the live span").
+            hinted, _, unrolls = rec.kernel_hint.kernels()
+            branches = tf.numpy_function(
+                functools.partial(_branches_of, hinted),
+                [runs, rec.scratch_slot, rec.length], tf.int32, stateful=False)
+            branches.set_shape([None])
+            return self.run_program(runs, branches, hinted + signatures, carry,
+                                    unrolls + [1] * len(signatures))
         signatures, branches, unrolls = rec.static.kernels()
         return self.run_program(
             tf.constant(rec.static.values.runs), tf.constant(branches),
@@ -1037,9 +1067,11 @@ class _StepExecutor:
     Its `extras` are the mask (if any) and the program's `EXECUTED_FIELDS`.
     """
 
-    def __init__(self, step_fn, internal_step, program, has_mask, options):
+    def __init__(self, step_fn, internal_step, program, has_mask, options,
+                 kernel_hint=None):
         self.step_fn, self.internal_step = step_fn, internal_step
         self.program, self.has_mask, self.options = program, has_mask, options
+        self.kernel_hint = kernel_hint
 
     def extras(self, mask):
         program_args = [getattr(self.program, n)
@@ -1051,7 +1083,7 @@ class _StepExecutor:
         program = self.program._replace(**dict(zip(
             program_lib.EXECUTED_FIELDS, extras[int(self.has_mask):])))
         recurrence = _Recurrence(self.step_fn, self.internal_step, inputs,
-                                 mask, program, self.options)
+                                 mask, program, self.options, self.kernel_hint)
         return recurrence.forward(initial_states)
 
     def backward(self, residuals, cotangents, variables):
@@ -1070,6 +1102,7 @@ def run_recurrence(
     input_gradient=True,
     internal_step=None,
     on_backward=None,
+    kernel_hint=None,
 ):
     """Runs a recurrence whose backward pass follows a memory plan.
 
@@ -1096,6 +1129,11 @@ def run_recurrence(
             otherwise.
         on_backward: Optional callback receiving the gradient function's
             `ExecutionCounts`; it may return an op to run (e.g. assigns).
+        kernel_hint: Optional `keras_bptt.execution.program.Program` whose
+            runs a run-time `program` likely shares (the plan of a padded
+            batch's whole length, for its live span): the graph holds one
+            kernel per signature of the hint, as for a static program, and
+            a run of another signature takes its opcode's general kernel.
 
     Returns:
         `(outputs, final_states, forward_counts)`, the last an
@@ -1103,7 +1141,7 @@ def run_recurrence(
     """
     executor = _StepExecutor(
         step_fn, internal_step, program, mask is not None,
-        (go_backwards, return_sequences, input_gradient),
+        (go_backwards, return_sequences, input_gradient), kernel_hint,
     )
     return shell.differentiable_recurrence(
         executor, inputs, initial_states, executor.extras(mask),

@@ -17,6 +17,7 @@ from keras_bptt.execution import interpreter as executor
 from keras_bptt.execution import fused_kernels as fused_lib
 from keras_bptt.execution import fused_interpreter as fused_executor
 from keras_bptt.execution import internal_states
+from keras_bptt.execution import live_span
 from keras_bptt.layers import metrics as metrics_lib
 from keras_bptt.planning import planner
 from keras_bptt.execution import program as program_lib
@@ -290,6 +291,14 @@ class MemoryBudgetRNN(keras.layers.RNN):
             cell and batch at the first call (seconds to tens of seconds,
             cached per process; needs a static batch size). See
             `docs/cost-model.md`, "Calibrated step costs".
+        skip_padding: Keyword-only. Whether a batch whose mask pads its
+            first or last steps for every sequence runs only the steps in
+            between, with the same results (`"auto"`, the default: where
+            the sequence length is unknown while tracing; `True`: also with
+            a static length, where a batch with nothing to skip then runs
+            slower; `False`: never). A fraction budget stays a fraction of
+            the padded length's BPTT. See `docs/executor.md`, "Padded
+            batches: the live span".
 
     Call arguments:
         sequences, initial_state, mask, training: As in `keras.layers.RNN`.
@@ -341,9 +350,17 @@ class MemoryBudgetRNN(keras.layers.RNN):
         fused="auto",
         segment_costs=None,
         step_costs=None,
+        skip_padding="auto",
         **kwargs,
     ):
         _require_tensorflow_backend()
+        if skip_padding not in ("auto", True, False):
+            raise ValueError(
+                f"skip_padding={skip_padding!r} for MemoryBudgetRNN; expected "
+                "'auto' (skip the steps a mask pads for the whole batch when "
+                "the length is unknown while tracing), True (also with a "
+                "static length) or False (run every step)."
+            )
         try:
             self._budget = budget_lib.parse_budget(memory_budget)
         except ValueError as error:
@@ -379,6 +396,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             self.supports_jit = False
         self.segment_costs = _segment_costs(segment_costs)
         self.step_costs = _step_costs(step_costs, self.scheme)
+        self.skip_padding = skip_padding
         self.last_fused_plan = None
         self.last_fused_prediction = None
         self._alpha = None
@@ -459,16 +477,27 @@ class MemoryBudgetRNN(keras.layers.RNN):
             self.cell, batch_size, features, dtype=self.compute_dtype)
 
     def _program_tensors(self, length, batch_size, state_bytes, alpha, internal,
-                         features):
+                         features, budget_length=None):
+        """The program's tensors for `length` steps.
+
+        With `budget_length` (a padded batch's whole length, when only its
+        live span of `length` steps runs), a fraction budget is a fraction
+        of standard BPTT over `budget_length` steps: what the layer may keep
+        for that batch (docs/executor.md, "Padded batches: the live span").
+        """
         static_length = length if isinstance(length, int) else None
         static_batch = batch_size if isinstance(batch_size, int) else None
         step_costs = self._calibrated_step_costs(static_batch, features)
 
-        def lookup(t, batch):
+        def lookup(t, batch, full_length=None):
+            budget = self._budget
+            if full_length is not None and budget.kind == "fraction":
+                budget = budget_lib.Budget.from_slots(
+                    budget.to_slots(int(full_length), alpha=alpha))
             plan, program = program_lib.program_for(
                 int(t),
                 int(batch),
-                budget=self._budget,
+                budget=budget,
                 scheme=self.scheme,
                 state_bytes=state_bytes,
                 alpha=alpha,
@@ -479,13 +508,25 @@ class MemoryBudgetRNN(keras.layers.RNN):
             self._last_program = program
             return program
 
+        if budget_length is not None:
+            full = tf.get_static_value(budget_length)
+            hint = None
+            if full is not None and (
+                static_batch is not None or not self._budget.depends_on_batch_size
+            ):
+                # A budget too small for the padded length is an error now,
+                # not when the graph runs (a shorter span needs no more);
+                # the span's runs mostly share this program's signatures.
+                hint = lookup(int(full), static_batch or 1)
+            return executor.run_time_program_tensors(
+                lookup, length, batch_size, budget_length), hint
         if static_length is not None and (
             static_batch is not None or not self._budget.depends_on_batch_size
         ):
             return executor.program_tensors(
                 lookup(static_length, static_batch or 1)
-            )
-        return executor.run_time_program_tensors(lookup, length, batch_size)
+            ), None
+        return executor.run_time_program_tensors(lookup, length, batch_size), None
 
     def _fused_kernel(self, sequences, mask, training):
         """The segment kernel to run, or `None` for the per-step executor.
@@ -591,7 +632,6 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 mask_bool = mask_bool[..., 0]
             # Any other [batch, t, ...] mask (a per-pixel mask of a
             # convolutional cell) applies per position, as keras.backend.rnn.
-
         cell_states = flat_states
         if carry_output:
             # Zeros shaped like the cell's real output (any rank), as
@@ -606,40 +646,65 @@ class MemoryBudgetRNN(keras.layers.RNN):
             alpha += 1.0  # masked internal states also hold the new states
         state_bytes = cell_memory.per_sample_bytes(flat_states)
         batch_size = sequences.shape[0] or tf.shape(sequences)[0]
-        fused_kernel = self._fused_kernel(sequences, mask, training)
-        if fused_kernel is not None:
-            program, run = self._fused_program(
-                fused_kernel, sequences, state_bytes, alpha
+        input_gradient = record.should_record_backprop([sequences])
+
+        def recurrence(sequences, mask_bool, go_backwards, span=None):
+            """The executor over `sequences`; with `span`, the live span
+            of a longer padded batch (`live_span.run`)."""
+            fused_kernel = self._fused_kernel(sequences, mask, training)
+            if fused_kernel is not None:
+                program, run = self._fused_program(
+                    fused_kernel, sequences, state_bytes, alpha
+                )
+            else:
+                program, kernel_hint = self._program_tensors(
+                    sequences.shape[1] or tf.shape(sequences)[1],
+                    batch_size,
+                    state_bytes,
+                    alpha,
+                    internal_step is not None,
+                    int(np.prod(sequences.shape[2:])),
+                    budget_length=None if span is None else span.length,
+                )
+                run = functools.partial(
+                    executor.run_recurrence,
+                    loop_step.step,
+                    program=program,
+                    mask=mask_bool,
+                    internal_step=internal_step,
+                    kernel_hint=kernel_hint,
+                )
+            outputs, final_states, forward_counts = run(
+                inputs=sequences,
+                initial_states=flat_states,
+                go_backwards=go_backwards,
+                return_sequences=self.return_sequences,
+                input_gradient=input_gradient,
+                on_backward=self._record_backward,
             )
+            if span is not None:
+                outputs = live_span.pad_outputs(
+                    outputs, span, self.return_sequences,
+                    self.zero_output_for_mask)
+            return live_span.Recurrence(
+                outputs, list(final_states), forward_counts,
+                program.expected_counts, program.plan_facts)
+
+        if mask_bool is not None and live_span.applies(
+                self.skip_padding, sequences.shape[1]):
+            # Steps padded for the whole batch are not run (docs/executor.md,
+            # "Padded batches: the live span").
+            result = live_span.run(
+                recurrence, sequences, mask_bool, self.go_backwards)
         else:
-            program = self._program_tensors(
-                sequences.shape[1] or tf.shape(sequences)[1],
-                batch_size,
-                state_bytes,
-                alpha,
-                internal_step is not None,
-                int(np.prod(sequences.shape[2:])),
-            )
-            run = functools.partial(
-                executor.run_recurrence,
-                loop_step.step,
-                program=program,
-                mask=mask_bool,
-                internal_step=internal_step,
-            )
-        outputs, final_states, forward_counts = run(
-            inputs=sequences,
-            initial_states=flat_states,
-            go_backwards=self.go_backwards,
-            return_sequences=self.return_sequences,
-            input_gradient=record.should_record_backprop([sequences]),
-            on_backward=self._record_backward,
-        )
+            result = recurrence(sequences, mask_bool, self.go_backwards)
+        outputs, final_states, forward_counts = (
+            result.outputs, result.final_states, result.forward_counts)
         with tf.control_dependencies(
             [
                 self.execution_stats.record_planned(
-                    program.expected_counts,
-                    program.plan_facts,
+                    result.expected_counts,
+                    result.plan_facts,
                     slot_bytes=state_bytes * tf.cast(batch_size, tf.int64),
                     alpha=alpha,
                 ),
@@ -673,6 +738,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
                 "scheme": self.scheme,
                 "report_metrics": self.report_metrics,
                 "fused": self.fused,
+                "skip_padding": self.skip_padding,
                 "step_costs": (
                     dataclasses.asdict(self.step_costs)
                     if isinstance(self.step_costs, cost_model.StepCosts)

@@ -22,7 +22,7 @@ from keras_bptt import MemoryBudgetRNN
 
 DATA = pathlib.Path(__file__).parents[1] / "data"
 OWN_ARGUMENTS = ("memory_budget", "scheme", "report_metrics", "fused", "segment_costs",
-                 "step_costs")
+                 "step_costs", "skip_padding")
 
 
 def _parameters(function):
