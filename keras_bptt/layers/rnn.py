@@ -25,13 +25,30 @@ from keras_bptt.execution import steps as steps_lib
 LAYER_SCHEMES = ("auto",) + planner.SCHEMES
 
 
-def _require_tensorflow_backend():
+BACKENDS = ("tensorflow", "jax")
+
+
+def _check_backend():
+    """The active Keras backend, if `MemoryBudgetRNN` runs on it."""
     active = keras.backend.backend()
-    if active != "tensorflow":
+    if active not in BACKENDS:
         raise RuntimeError(
-            "MemoryBudgetRNN runs on Keras' TensorFlow backend; the active "
-            f"backend is {active!r}. Set the environment variable "
-            "KERAS_BACKEND=tensorflow before importing keras."
+            "MemoryBudgetRNN runs on Keras' TensorFlow and JAX backends; the "
+            f"active backend is {active!r}. Set the environment variable "
+            "KERAS_BACKEND=tensorflow (or KERAS_BACKEND=jax) before importing "
+            "keras."
+        )
+    return active
+
+
+class _NoCountersOnJax:
+    """`MemoryBudgetRNN.execution_stats` under JAX: not counted yet."""
+
+    def __getattr__(self, name):
+        raise AttributeError(
+            "MemoryBudgetRNN.execution_stats is not kept on the JAX backend "
+            "yet (the plan is: see layer.last_plan). Use "
+            "KERAS_BACKEND=tensorflow for the executor's counters."
         )
 
 
@@ -119,13 +136,14 @@ def _stores_internal_states(scheme):
     return scheme not in ("auto",) + planner.HIDDEN_STATE_SCHEMES
 
 
-def _validate_scheme(scheme, cell):
+def _validate_scheme(scheme, cell, backend):
     if scheme not in LAYER_SCHEMES:
         raise ValueError(
             f"Unknown scheme {scheme!r} for MemoryBudgetRNN. Expected one of "
             f"{LAYER_SCHEMES}."
         )
-    if _stores_internal_states(scheme):
+    # On JAX every cell has internal states (docs/executor.md).
+    if backend == "tensorflow" and _stores_internal_states(scheme):
         reason = internal_states.unsupported_reason(cell)
         if reason is not None:
             raise ValueError(
@@ -343,7 +361,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
         step_costs=None,
         **kwargs,
     ):
-        _require_tensorflow_backend()
+        self._backend = _check_backend()
         try:
             self._budget = budget_lib.parse_budget(memory_budget)
         except ValueError as error:
@@ -362,7 +380,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             **kwargs,
         )
         self.memory_budget = memory_budget
-        self.scheme = _validate_scheme(scheme, self.cell)
+        self.scheme = _validate_scheme(scheme, self.cell, self._backend)
         if report_metrics not in ("auto", True, False):
             raise ValueError(
                 f"report_metrics={report_metrics!r} for MemoryBudgetRNN; "
@@ -372,9 +390,9 @@ class MemoryBudgetRNN(keras.layers.RNN):
         self.report_metrics = report_metrics
         self._reporting_metrics = report_metrics is True
         self.fused = _validate_fused(fused, scheme, self.cell)
-        if fused is not False and fused_lib.kernel_for(self.cell)[0] in (
-            "cudnn_lstm", "cudnn_gru"
-        ):
+        if (self._backend == "tensorflow" and fused is not False
+                and fused_lib.kernel_for(self.cell)[0] in (
+                    "cudnn_lstm", "cudnn_gru")):
             # cuDNN's ops have no XLA kernel (as keras.layers.LSTM).
             self.supports_jit = False
         self.segment_costs = _segment_costs(segment_costs)
@@ -383,7 +401,10 @@ class MemoryBudgetRNN(keras.layers.RNN):
         self.last_fused_prediction = None
         self._alpha = None
         self.last_plan = None
-        self.execution_stats = execution_stats.ExecutionStats()
+        self.execution_stats = (
+            execution_stats.ExecutionStats() if self._backend == "tensorflow"
+            else _NoCountersOnJax()
+        )
         self.recomputed_steps_metric = None
         self.peak_stored_slots_metric = None
 
@@ -391,7 +412,8 @@ class MemoryBudgetRNN(keras.layers.RNN):
         super().build(sequences_shape, initial_state_shape)
         # Created here, not in __init__: Bidirectional renames its copies
         # after constructing them, and a metric's name is fixed at creation.
-        if self.report_metrics is not False and not self._budget.is_unlimited:
+        if (self.report_metrics is not False and not self._budget.is_unlimited
+                and self._backend == "tensorflow"):  # no counters on JAX yet
             recomputed, peak = metrics_lib.counter_metric_names(self.name)
             self.recomputed_steps_metric = keras.metrics.Mean(name=recomputed)
             self.peak_stored_slots_metric = metrics_lib.Maximum(name=peak)
@@ -458,6 +480,24 @@ class MemoryBudgetRNN(keras.layers.RNN):
         return calibration.calibrate_step_costs(
             self.cell, batch_size, features, dtype=self.compute_dtype)
 
+    def _plan(self, length, batch_size, state_bytes, alpha, internal,
+              step_costs):
+        """The `Program` for this length and batch (`program_for`); keeps
+        its plan in `last_plan`."""
+        plan, program = program_lib.program_for(
+            length,
+            batch_size,
+            budget=self._budget,
+            scheme=self.scheme,
+            state_bytes=state_bytes,
+            alpha=alpha,
+            internal_states_supported=internal,
+            step_costs=step_costs,
+        )
+        self.last_plan = plan
+        self._last_program = program
+        return program
+
     def _program_tensors(self, length, batch_size, state_bytes, alpha, internal,
                          features):
         static_length = length if isinstance(length, int) else None
@@ -465,19 +505,8 @@ class MemoryBudgetRNN(keras.layers.RNN):
         step_costs = self._calibrated_step_costs(static_batch, features)
 
         def lookup(t, batch):
-            plan, program = program_lib.program_for(
-                int(t),
-                int(batch),
-                budget=self._budget,
-                scheme=self.scheme,
-                state_bytes=state_bytes,
-                alpha=alpha,
-                internal_states_supported=internal,
-                step_costs=step_costs,
-            )
-            self.last_plan = plan
-            self._last_program = program
-            return program
+            return self._plan(int(t), int(batch), state_bytes, alpha, internal,
+                              step_costs)
 
         if static_length is not None and (
             static_batch is not None or not self._budget.depends_on_batch_size
@@ -565,11 +594,55 @@ class MemoryBudgetRNN(keras.layers.RNN):
         )
         return program, run
 
+    def _jax_inner_loop(self, sequences, initial_state, mask, training):
+        """`inner_loop` on JAX: the same plan, run by
+        `keras_bptt.execution.jax_executor` (docs/executor.md)."""
+        from keras_bptt.execution import jax_steps  # JAX: imported on JAX only
+
+        reason = jax_steps.unsupported_reason(mask)
+        if reason is None and self.fused is True:
+            reason = ("fused=True runs TensorFlow's fused kernels; use "
+                      "fused='auto' (identical results) or fused=False.")
+        if reason is None and self.step_costs == "calibrate":
+            reason = ("step_costs='calibrate' measures the cell in "
+                      "TensorFlow; pass a StepCosts measured there, or None.")
+        if reason is not None:
+            raise ValueError(
+                f"{self.name} on the JAX backend: {reason} Use "
+                "KERAS_BACKEND=tensorflow for it, or memory_budget=None "
+                "(keras.layers.RNN's loop).")
+        step = jax_steps.CellStep(self.cell, initial_state, training)
+        flat_states = keras.tree.flatten(initial_state)
+        params = step.params()
+        if self._alpha is None:
+            self._alpha = step.alpha(params, sequences[:, 0], flat_states)
+        batch_size, length = sequences.shape[:2]
+        program = self._plan(
+            length, batch_size, jax_steps.per_sample_bytes(flat_states),
+            self._alpha, True, self.step_costs)
+        outputs, final_states = step.run(
+            params, sequences, flat_states, program,
+            go_backwards=self.go_backwards,
+            return_sequences=self.return_sequences)
+        return self._inner_loop_results(initial_state, outputs, final_states)
+
+    def _inner_loop_results(self, initial_state, outputs, final_states):
+        """`(last_output, outputs, states)`, as `keras.layers.RNN.inner_loop`."""
+        states = keras.tree.pack_sequence_as(initial_state, final_states)
+        if self.return_sequences:
+            return outputs[:, -1], outputs, states
+        return outputs, keras.ops.expand_dims(outputs, 1), states
+
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        if self._budget.is_unlimited or not record.could_possibly_record():
+        if self._budget.is_unlimited:
             return super().inner_loop(sequences, initial_state, mask, training)
         if not keras.tree.is_nested(initial_state):
             initial_state = [initial_state]
+        if self._backend == "jax":
+            return self._jax_inner_loop(
+                sequences, initial_state, mask, training)
+        if not record.could_possibly_record():
+            return super().inner_loop(sequences, initial_state, mask, training)
         # Stateful layers pass their state variables: read them once here.
         flat_states = [
             tf.convert_to_tensor(s) for s in keras.tree.flatten(initial_state)
@@ -649,13 +722,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             outputs = tf.identity(outputs)
         if carry_output:
             final_states = final_states[:-1]
-        states = keras.tree.pack_sequence_as(initial_state, final_states)
-        if self.return_sequences:
-            last_output = outputs[:, -1]
-        else:
-            last_output = outputs
-            outputs = tf.expand_dims(outputs, 1)
-        return last_output, outputs, states
+        return self._inner_loop_results(initial_state, outputs, final_states)
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         _check_sequences(sequences)

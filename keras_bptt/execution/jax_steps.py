@@ -1,0 +1,123 @@
+"""A Keras cell as the JAX executor's step, under `KERAS_BACKEND=jax`.
+
+Documented in `docs/executor.md` ("The JAX executor", "How the layer calls
+it"). `keras_bptt.execution.jax_executor.recurrence` needs a pure
+`step_fn(params, x_t, states)` with everything traced in `params` or `xs`:
+`jax.custom_vjp` forbids a step closing over traced values. `CellStep`
+calls the cell statelessly: inside a `keras.StatelessScope` mapping the
+cell's trainable variables to `params.weights`, with this call's dropout
+masks (`params.dropout_masks`, sampled once by `keras.layers.RNN`, so a
+recomputed step drops exactly what the first one did). Inside Keras' JAX
+trainer the variables' values are the trainer's traced values
+(`CellStep.params` reads them in its scope), so their gradients flow back
+to `model.fit`.
+
+Imports Keras and JAX, never TensorFlow.
+"""
+
+import typing
+
+import jax
+import keras
+import numpy as np
+
+from keras_bptt.execution import cell_calls
+from keras_bptt.execution import jax_executor
+
+
+class StepParams(typing.NamedTuple):
+    """What `CellStep.step_fn` takes as `params` (a pytree)."""
+
+    weights: list        # values of the cell's trainable variables
+    dropout_masks: list  # (dropout, recurrent dropout) per dropout cell
+
+
+def unsupported_reason(mask):
+    """Why a call cannot run on the JAX executor yet, or None."""
+    if mask is not None:
+        return (
+            "masks (keras.layers.Masking, mask=) are not supported on the JAX "
+            "backend yet."
+        )
+    return None
+
+
+class CellStep:
+    """One step of `keras.layers.RNN`'s loop over `cell`, pure, for JAX.
+
+    Args:
+        cell: The Keras cell (its dropout masks already sampled for this
+            call, as `keras.layers.RNN.call` does before `inner_loop`).
+        state_structure: The nested structure of the cell's states.
+        training: Passed to the cell (a Python bool or None).
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> cell = keras.layers.SimpleRNNCell(4)
+    >>> cell.build((None, 3))
+    >>> step = CellStep(cell, [jnp.zeros((2, 4))], training=False)
+    >>> output, states = step.step_fn(
+    ...     step.params(), jnp.ones((2, 3)), [jnp.zeros((2, 4))])
+    >>> output.shape, len(states)
+    ((2, 4), 1)
+    """
+
+    def __init__(self, cell, state_structure, training):
+        self.cell = cell
+        self.state_structure = state_structure
+        self.variables = list(cell.trainable_variables)
+        self._dropout_cells = cell_calls.dropout_cells(cell)
+        self._cell_kwargs = cell_calls.call_kwargs(cell, training)
+
+    def params(self):
+        """This call's `StepParams`: the variables' values in the current
+        scope (the JAX trainer's traced values inside `model.fit`)."""
+        return StepParams(
+            weights=[v.value for v in self.variables],
+            dropout_masks=[
+                (mask, recurrent)
+                for _, mask, recurrent in cell_calls.sampled_masks(
+                    self._dropout_cells)
+            ],
+        )
+
+    def step_fn(self, params, x_t, states):
+        """`(output, new_flat_states)`: the cell called on `params`."""
+        masks = [(cell, mask, recurrent) for cell, (mask, recurrent)
+                 in zip(self._dropout_cells, params.dropout_masks)]
+        scope = keras.StatelessScope(
+            state_mapping=list(zip(self.variables, params.weights)))
+        with scope, cell_calls.fixed_dropout_masks(masks):
+            output, new_states = self.cell(
+                x_t,
+                keras.tree.pack_sequence_as(self.state_structure, states),
+                **self._cell_kwargs,
+            )
+        return output, keras.tree.flatten(new_states)
+
+    def alpha(self, params, x_t, states):
+        """Alpha the layer plans with: the bytes `jax.vjp` keeps per step
+        over the bytes of the states (`jax_executor.internal_state_ratio`),
+        what the executor stores as a step's internal state."""
+        return jax_executor.internal_state_ratio(
+            self.step_fn, params, x_t, states)
+
+    def run(self, params, sequences, flat_states, program, *,
+            go_backwards, return_sequences):
+        """`(outputs, final_states)` of the recurrence, as
+        `jax_executor.recurrence` returns them; `go_backwards` reads the
+        sequences from the end (outputs in the order they are computed,
+        as `keras.layers.RNN`)."""
+        if go_backwards:
+            sequences = jax.numpy.flip(sequences, axis=1)
+        return jax_executor.recurrence(
+            self.step_fn, params, sequences, flat_states, program,
+            return_sequences=return_sequences)
+
+
+def per_sample_bytes(arrays):
+    """Bytes of one batch entry of each array in `arrays`, summed."""
+    return int(sum(
+        int(np.prod(a.shape[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize
+        for a in arrays))
