@@ -76,7 +76,7 @@ class CellStep:
         return StepParams(
             weights=[v.value for v in self.variables],
             dropout_masks=[
-                (mask, recurrent)
+                (_pytree(mask), _pytree(recurrent))
                 for _, mask, recurrent in cell_calls.sampled_masks(
                     self._dropout_cells)
             ],
@@ -114,6 +114,14 @@ class CellStep:
         return jax_executor.recurrence(
             self.step_fn, params, sequences, flat_states, program,
             return_sequences=return_sequences)
+
+
+def _pytree(mask):
+    """A mask as JAX reads pytrees: a cell's list of masks (a Keras
+    `TrackedList`, which JAX does not know) as a plain list."""
+    if isinstance(mask, (list, tuple)):
+        return [_pytree(m) for m in mask]
+    return mask
 
 
 def per_sample_bytes(arrays):
