@@ -53,13 +53,12 @@ class CellStep:
 
     Example:
 
-    >>> import jax.numpy as jnp
     >>> cell = keras.layers.SimpleRNNCell(4)
     >>> cell.build((None, 3))
-    >>> step = CellStep(cell, [jnp.zeros((2, 4))], training=False)
-    >>> output, states = step.step_fn(
-    ...     step.params(), jnp.ones((2, 3)), [jnp.zeros((2, 4))])
-    >>> output.shape, len(states)
+    >>> h0 = keras.ops.zeros((2, 4))
+    >>> step = CellStep(cell, [h0], training=False)
+    >>> output, states = step.step_fn(step.params(), keras.ops.ones((2, 3)), [h0])
+    >>> tuple(output.shape), len(states)
     ((2, 4), 1)
     """
 
