@@ -82,8 +82,8 @@ Known limitations:
   temporaries for 5.5 MiB of slots and 2 MiB of input gradient); the
   buffers are sized by the peaks of hidden and of internal slots, each on
   its own, as on TensorFlow.
-* No masks, `go_backwards` or counters yet: the Keras wiring (issue 21)
-  adds them.
+* No masks or counters yet. `go_backwards` is the caller's: the layer
+  flips the sequences (`keras_bptt.execution.jax_steps`).
 """
 
 import typing

@@ -47,7 +47,7 @@ class _NoCountersOnJax:
     def __getattr__(self, name):
         raise AttributeError(
             "MemoryBudgetRNN.execution_stats is not kept on the JAX backend "
-            "yet (the plan is: see layer.last_plan). Use "
+            "yet (the plan is in layer.last_plan). Use "
             "KERAS_BACKEND=tensorflow for the executor's counters."
         )
 
@@ -251,7 +251,10 @@ class MemoryBudgetRNN(keras.layers.RNN):
     stores only the hidden states chosen by a dynamic-programming plan
     (Gruslys et al., "Memory-Efficient Backpropagation Through Time", NIPS
     2016) and whose backward pass recomputes the rest, so the memory kept for
-    backpropagation stays within `memory_budget`.
+    backpropagation stays within `memory_budget`. Under `KERAS_BACKEND=jax`
+    the same plan runs as one `jax.custom_vjp` function, with the cell
+    called statelessly (`docs/executor.md`, "The JAX executor"; masks and
+    the counters are TensorFlow's only for now).
 
     Args:
         cell: An RNN cell (anything `keras.layers.RNN` accepts: a Keras cell,

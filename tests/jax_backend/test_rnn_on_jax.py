@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 
+import keras_bptt
 from keras_bptt import MemoryBudgetRNN
 
 BATCH, FEATURES = 3, 2
@@ -121,6 +122,7 @@ def compare(cell, memory_budget, scheme="auto", length=12, x=None,
     ("gru", "msm", 4, False),
     ("simple", "store_all", "100%", True),
     ("simple", "auto", 2, False),
+    ("simple", "hsm", "400B", True),  # 60 bytes a slot: 6.7 slots
     ("stacked", "hsm", 4, True),
     ("stacked", "msm", "30%", False),
     ("custom", "msm", 4, True),
@@ -217,3 +219,25 @@ def test_what_jax_does_not_run_yet_says_so():
 def test_any_cell_stores_internal_states_on_jax():
     # On TensorFlow a custom cell has no internal-state protocol: ism raises.
     compare(GatedPairCell(), 4, "ism", length=7)
+
+
+@pytest.mark.parametrize("layer", [
+    lambda: keras_bptt.LSTM(3, memory_budget=3),
+    lambda: keras.layers.Bidirectional(keras_bptt.GRU(2, memory_budget="20%")),
+])
+def test_the_package_layers_train_on_jax(layer):
+    model = keras.Sequential([keras.Input((8, FEATURES)), layer(),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    history = model.fit(sequences(8), np.ones((BATCH, 1)), epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_a_converted_model_matches_the_original_on_jax():
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((10, FEATURES)),
+                              keras.layers.GRU(3), keras.layers.Dense(1)])
+    converted = keras_bptt.with_memory_budget(model, "10%")
+    assert isinstance(converted.layers[0], MemoryBudgetRNN)
+    x = sequences(10)
+    assert_same(results(model, x), results(converted, x))
