@@ -18,6 +18,7 @@ Imports Keras and JAX, never TensorFlow.
 import typing
 
 import jax
+import jax.numpy as jnp
 import keras
 import numpy as np
 
@@ -32,24 +33,22 @@ class StepParams(typing.NamedTuple):
     dropout_masks: list  # (dropout, recurrent dropout) per dropout cell
 
 
-def unsupported_reason(mask):
-    """Why a call cannot run on the JAX executor yet, or None."""
-    if mask is not None:
-        return (
-            "masks (keras.layers.Masking, mask=) are not supported on the JAX "
-            "backend yet."
-        )
-    return None
-
-
 class CellStep:
     """One step of `keras.layers.RNN`'s loop over `cell`, pure, for JAX.
+
+    With a mask, `x_t` is `(x, mask_t)` (`run` passes the mask beside the
+    sequences) and the step masks as Keras' JAX `rnn` does: a step whose
+    mask is all false keeps the states and outputs the first state (the
+    last cell's first state of a stack), or zeros with
+    `zero_output_for_mask`.
 
     Args:
         cell: The Keras cell (its dropout masks already sampled for this
             call, as `keras.layers.RNN.call` does before `inner_loop`).
         state_structure: The nested structure of the cell's states.
         training: Passed to the cell (a Python bool or None).
+        masked: Whether the call has a mask.
+        zero_output_for_mask: As in `keras.layers.RNN`.
 
     Example:
 
@@ -62,8 +61,11 @@ class CellStep:
     ((2, 4), 1)
     """
 
-    def __init__(self, cell, state_structure, training):
+    def __init__(self, cell, state_structure, training, masked=False,
+                 zero_output_for_mask=False):
         self.cell = cell
+        self.masked = masked
+        self.zero_output_for_mask = zero_output_for_mask
         self.state_structure = state_structure
         self.variables = list(cell.trainable_variables)
         self._dropout_cells = cell_calls.dropout_cells(cell)
@@ -83,6 +85,8 @@ class CellStep:
 
     def step_fn(self, params, x_t, states):
         """`(output, new_flat_states)`: the cell called on `params`."""
+        if self.masked:
+            x_t, mask_t = x_t
         masks = [(cell, mask, recurrent) for cell, (mask, recurrent)
                  in zip(self._dropout_cells, params.dropout_masks)]
         scope = keras.StatelessScope(
@@ -93,7 +97,23 @@ class CellStep:
                 keras.tree.pack_sequence_as(self.state_structure, states),
                 **self._cell_kwargs,
             )
-        return output, keras.tree.flatten(new_states)
+        new_states = keras.tree.flatten(new_states)
+        if not self.masked:
+            return output, new_states
+        return self._masked(mask_t, output, new_states, states)
+
+    def _masked(self, mask_t, output, new_states, states):
+        """Keras' JAX `rnn`'s masking of one step (class docstring)."""
+        skip = jnp.all(mask_t == 0, axis=-1, keepdims=True)
+        if self.zero_output_for_mask:
+            previous = jnp.zeros_like(output)
+        else:
+            structured = keras.tree.pack_sequence_as(self.state_structure, states)
+            previous = structured[0]
+            if keras.tree.is_nested(previous):
+                previous = structured[-1][0]
+        return jnp.where(skip, previous, output), [
+            jnp.where(skip, old, new) for old, new in zip(states, new_states)]
 
     def alpha(self, params, x_t, states):
         """Alpha the layer plans with: the bytes `jax.vjp` keeps per step
@@ -102,16 +122,25 @@ class CellStep:
         return jax_executor.internal_state_ratio(
             self.step_fn, params, x_t, states)
 
-    def run(self, params, sequences, flat_states, program, *,
+    def run(self, params, sequences, mask, flat_states, program, *,
             go_backwards, return_sequences):
         """`(outputs, final_states)` of the recurrence, as
         `jax_executor.recurrence` returns them; `go_backwards` reads the
-        sequences from the end (outputs in the order they are computed,
-        as `keras.layers.RNN`)."""
+        sequences (and the mask) from the end, the outputs in the order
+        they are computed, as `keras.layers.RNN`'s.
+
+        The mask `[batch, t]` (or `[batch, t, ...]`) goes in `xs` beside the
+        sequences, as floats (its gradient is computed and dropped)."""
+        xs = sequences
+        if self.masked:
+            mask = jnp.asarray(mask).astype(sequences.dtype)
+            if mask.ndim == 2:
+                mask = mask[..., None]
+            xs = (sequences, mask)
         if go_backwards:
-            sequences = jax.numpy.flip(sequences, axis=1)
+            xs = jax.tree_util.tree_map(lambda x: jnp.flip(x, axis=1), xs)
         return jax_executor.recurrence(
-            self.step_fn, params, sequences, flat_states, program,
+            self.step_fn, params, xs, flat_states, program,
             return_sequences=return_sequences)
 
 

@@ -253,8 +253,8 @@ class MemoryBudgetRNN(keras.layers.RNN):
     2016) and whose backward pass recomputes the rest, so the memory kept for
     backpropagation stays within `memory_budget`. Under `KERAS_BACKEND=jax`
     the same plan runs as one `jax.custom_vjp` function, with the cell
-    called statelessly (`docs/executor.md`, "The JAX executor"; masks and
-    the counters are TensorFlow's only for now).
+    called statelessly (`docs/executor.md`, "The JAX executor"; the
+    counters are TensorFlow's only for now).
 
     Args:
         cell: An RNN cell (anything `keras.layers.RNN` accepts: a Keras cell,
@@ -602,29 +602,34 @@ class MemoryBudgetRNN(keras.layers.RNN):
         `keras_bptt.execution.jax_executor` (docs/executor.md)."""
         from keras_bptt.execution import jax_steps  # JAX: imported on JAX only
 
-        reason = jax_steps.unsupported_reason(mask)
-        if reason is None and self.fused is True:
-            reason = ("fused=True runs TensorFlow's fused kernels; use "
-                      "fused='auto' (identical results) or fused=False.")
-        if reason is None and self.step_costs == "calibrate":
-            reason = ("step_costs='calibrate' measures the cell in "
-                      "TensorFlow; pass a StepCosts measured there, or None.")
-        if reason is not None:
-            raise ValueError(
-                f"{self.name} on the JAX backend: {reason} Use "
-                "KERAS_BACKEND=tensorflow for it, or memory_budget=None "
-                "(keras.layers.RNN's loop).")
-        step = jax_steps.CellStep(self.cell, initial_state, training)
+        tensorflow_only = {
+            "fused=True runs TensorFlow's fused kernels; use fused='auto' "
+            "(identical results) or fused=False.": self.fused is True,
+            "step_costs='calibrate' measures the cell in TensorFlow; pass "
+            "a StepCosts measured there, or None.":
+                self.step_costs == "calibrate",
+        }
+        for reason, applies in tensorflow_only.items():
+            if applies:
+                raise ValueError(
+                    f"{self.name} on the JAX backend: {reason} Use "
+                    "KERAS_BACKEND=tensorflow for it, or memory_budget=None "
+                    "(keras.layers.RNN's loop).")
+        step = jax_steps.CellStep(
+            self.cell, initial_state, training, masked=mask is not None,
+            zero_output_for_mask=self.zero_output_for_mask)
         flat_states = keras.tree.flatten(initial_state)
         params = step.params()
         if self._alpha is None:
-            self._alpha = step.alpha(params, sequences[:, 0], flat_states)
+            x_t = sequences[:, 0] if mask is None else (
+                sequences[:, 0], keras.ops.ones_like(sequences[:, 0, :1]))
+            self._alpha = step.alpha(params, x_t, flat_states)
         batch_size, length = sequences.shape[:2]
         program = self._plan(
             length, batch_size, jax_steps.per_sample_bytes(flat_states),
             self._alpha, True, self.step_costs)
         outputs, final_states = step.run(
-            params, sequences, flat_states, program,
+            params, sequences, mask, flat_states, program,
             go_backwards=self.go_backwards,
             return_sequences=self.return_sequences)
         return self._inner_loop_results(initial_state, outputs, final_states)

@@ -68,7 +68,7 @@ def loss_of(outputs):
     return sum(jnp.sum(jnp.sin(leaf) * (k + 1)) for k, leaf in enumerate(leaves))
 
 
-def results(layer, x, initial_state=None, training=False):
+def results(layer, x, initial_state=None, training=False, mask=None):
     """`(outputs, gradients of (weights, x, initial_state))`, jitted."""
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
@@ -77,6 +77,8 @@ def results(layer, x, initial_state=None, training=False):
         kwargs = {"training": training}
         if initial_state is not None:
             kwargs["initial_state"] = initial_state
+        if mask is not None:
+            kwargs["mask"] = mask
         outputs, _ = layer.stateless_call(trainable, non_trainable, x, **kwargs)
         return loss_of(outputs), outputs
 
@@ -101,15 +103,15 @@ def pair(cell, memory_budget, scheme="auto", **kwargs):
 
 
 def compare(cell, memory_budget, scheme="auto", length=12, x=None,
-            initial_state=None, training=False, **kwargs):
+            initial_state=None, training=False, mask=None, **kwargs):
     keras.utils.set_random_seed(0)
     reference, budgeted = pair(cell, memory_budget, scheme, **kwargs)
     x = sequences(length) if x is None else x
     # Builds them (the cell once): eager calls agree too.
-    assert_same(reference(x, initial_state=initial_state),
-                budgeted(x, initial_state=initial_state))
-    assert_same(results(reference, x, initial_state, training),
-                results(budgeted, x, initial_state, training))
+    assert_same(reference(x, initial_state=initial_state, mask=mask),
+                budgeted(x, initial_state=initial_state, mask=mask))
+    assert_same(results(reference, x, initial_state, training, mask),
+                results(budgeted, x, initial_state, training, mask))
     return budgeted
 
 
@@ -146,6 +148,45 @@ def test_return_state_initial_state_and_go_backwards(go_backwards):
     compare(keras.layers.LSTMCell(4), 4, "hsm", length=9,
             initial_state=initial_state, return_sequences=True,
             return_state=True, go_backwards=go_backwards)
+
+
+def padding_mask(length):
+    """Sequences of lengths `length`, `length - 3` and `2`, padded at the end,
+    and one masked step inside the first."""
+    mask = np.arange(length)[None, :] < np.array([[length], [length - 3], [2]])
+    mask[0, 4] = False
+    return mask
+
+
+@pytest.mark.parametrize("cell, scheme, options", [
+    ("lstm", "hsm", {"return_sequences": True}),
+    ("gru", "msm", {"zero_output_for_mask": True, "return_sequences": True}),
+    ("stacked", "auto", {"go_backwards": True}),
+    ("custom", "store_all", {"return_state": True}),
+])
+def test_masks_as_keras_rnn_on_jax(cell, scheme, options):
+    budget = "100%" if scheme == "store_all" else 4
+    compare(CELLS[cell](), budget, scheme, length=10, mask=padding_mask(10),
+            **options)
+
+
+def test_a_masking_layer_trains_as_keras_rnn():
+    x = sequences(9, seed=4)
+    x[1, 6:] = 0.0  # padding Masking(0.0) masks
+    y = np.ones((BATCH, 1), "float32")
+    losses = []
+    for factory in (keras.layers.RNN,
+                    lambda cell: MemoryBudgetRNN(cell, memory_budget=3)):
+        keras.utils.set_random_seed(6)
+        model = keras.Sequential([
+            keras.Input((9, FEATURES)), keras.layers.Masking(0.0),
+            factory(keras.layers.GRUCell(3)), keras.layers.Dense(1)])
+        if losses:
+            model.set_weights(weights)
+        weights = model.get_weights()
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        losses.append(model.fit(x, y, epochs=3, verbose=0).history["loss"])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
 def test_dropout_masks_are_the_same_in_every_recomputed_step():
@@ -205,8 +246,6 @@ def test_unlimited_budget_is_keras_rnn():
 def test_what_jax_does_not_run_yet_says_so():
     x = sequences(5)
     layer = MemoryBudgetRNN(keras.layers.LSTMCell(2), memory_budget=2)
-    with pytest.raises(ValueError, match="masks .* JAX backend yet"):
-        layer(x, mask=np.ones((BATCH, 5), bool))
     fused = MemoryBudgetRNN(
         keras.layers.LSTMCell(2), memory_budget=2, fused=True)
     with pytest.raises(ValueError, match="fused=True .* fused='auto'"):
