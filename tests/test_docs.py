@@ -96,10 +96,12 @@ def test_readme_cites_nothing_outside_the_repository():
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"^# Tests\n(.+)$", readme, re.MULTILINE).group(1)
-    assert command == 'pip install -e ".[test]" && python -m pytest -q -n 2 --dist loadscope'
-    pytest_command = command.split(" && ")[1]
+    assert command == (
+        'pip install -e ".[test]" && python -m pytest -q -n 2 --dist loadscope'
+        " && KERAS_BACKEND=jax python -m pytest -q -n 2 tests/jax_backend")
+    pytest_commands = command.split(" && ", 1)[1]
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci.endswith("&& " + pytest_command), ci
+    assert ci.endswith("&& " + pytest_commands), ci
 
 
 def test_benchmarks_page_quotes_the_recorded_results():

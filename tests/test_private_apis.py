@@ -231,7 +231,7 @@ def test_maybe_reset_dropout_masks_clears_the_cached_masks():
 
 
 def test_dropout_masks_are_cached_in_attributes_the_cell_then_reuses():
-    # keras_bptt/execution/steps.py (_fixed_dropout_masks) and
+    # keras_bptt/execution/cell_calls.py (fixed_dropout_masks) and
     # internal_states.py set them around every recomputed step.
     cell = _lstm_cell(dropout=0.5, recurrent_dropout=0.5)
     first = cell.get_dropout_mask(tf.ones([2, 3]))
@@ -245,7 +245,7 @@ def test_dropout_masks_are_cached_in_attributes_the_cell_then_reuses():
 
 
 def test_call_has_training_arg_follows_the_cell_signature():
-    # keras_bptt/execution/steps.py passes training= only where it is taken.
+    # keras_bptt/execution/cell_calls.py passes training= only where it is taken.
     class NoTraining(keras.layers.Layer):
         state_size = 2
 

@@ -7,6 +7,10 @@
   step by step.
 * `jax_executor` -- the same program run in JAX (`jax.custom_vjp`); imports
   JAX only, and nothing imports it but its users.
+* `jax_steps` -- a Keras cell as the JAX executor's pure step (the layer
+  under `KERAS_BACKEND=jax`); imports Keras and JAX.
+* `cell_calls` -- how `keras.layers.RNN` calls a cell (`training=`, fixed
+  dropout masks), shared by `steps` and `jax_steps`.
 * `steps` -- one recurrent step of a Keras cell (masks, dropout) as the
   interpreter calls it.
 * `internal_states` -- cells whose internal state (gate activations) can be

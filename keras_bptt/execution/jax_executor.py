@@ -82,8 +82,9 @@ Known limitations:
   temporaries for 5.5 MiB of slots and 2 MiB of input gradient); the
   buffers are sized by the peaks of hidden and of internal slots, each on
   its own, as on TensorFlow.
-* No masks, `go_backwards` or counters yet: the Keras wiring (issue 21)
-  adds them.
+* No counters yet. Masks and `go_backwards` are the caller's: the layer
+  passes the mask in `xs` beside the sequences and flips both
+  (`keras_bptt.execution.jax_steps`).
 """
 
 import typing
@@ -196,8 +197,15 @@ def _nbytes(structs):
 
 
 def _step_input(xs, step):
-    """`x` of step `step` (1..t) from batch-major `xs`, without a copy."""
-    return lax.dynamic_index_in_dim(xs, step - 1, axis=1, keepdims=False)
+    """`x` of step `step` (1..t) from batch-major `xs` (each leaf), without
+    a copy."""
+    return jax.tree_util.tree_map(
+        lambda x: lax.dynamic_index_in_dim(x, step - 1, axis=1, keepdims=False),
+        xs)
+
+
+def _length(xs):
+    return jax.tree_util.tree_leaves(xs)[0].shape[1]
 
 
 def _write(buffers, slot, values):
@@ -254,13 +262,14 @@ class _Setup(typing.NamedTuple):
 
 
 def _setup(step_fn, program, return_sequences, params, xs, states0):
-    length = xs.shape[1]
+    length = _length(xs)
     if length != program.length:
         raise ValueError(
             f"The program is for t={program.length}, the inputs have "
             f"t={length}.")
     step = _flat_step(step_fn)
-    x_t = jax.ShapeDtypeStruct((xs.shape[0],) + xs.shape[2:], xs.dtype)
+    x_t = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[:1] + x.shape[2:], x.dtype), xs)
     output, _ = jax.eval_shape(step, params, x_t, states0)
     layout = None
     if program.uses_internal_states:
@@ -286,7 +295,7 @@ def _sweep(setup, params, xs, states0, store):
     internal = (store and setup.layout is not None
                 and bool(np.any(forward_internal != program.internal_slots)))
     if setup.return_sequences:
-        shape = (xs.shape[0], program.length) + setup.output.shape[1:]
+        shape = setup.output.shape[:1] + (program.length,) + setup.output.shape[1:]
         outputs = jnp.zeros(shape, setup.output.dtype)
     else:
         outputs = jnp.zeros(setup.output.shape, setup.output.dtype)
@@ -339,8 +348,10 @@ class _Kernels:
         d_params, d_x, d_states = gradients
         return carry._replace(
             d_register=list(d_states),
-            d_xs=lax.dynamic_update_index_in_dim(
-                carry.d_xs, d_x, step - 1, axis=1),
+            d_xs=jax.tree_util.tree_map(
+                lambda d_xs, d_x: lax.dynamic_update_index_in_dim(
+                    d_xs, d_x, step - 1, axis=1),
+                carry.d_xs, d_x),
             d_params=jax.tree_util.tree_map(jnp.add, carry.d_params, d_params),
         )
 
@@ -465,7 +476,7 @@ def _backward(setup, residuals, cotangents, structure):
         d_register=list(d_final_states),
         bufs=residuals.bufs,
         ibufs=residuals.ibufs,
-        d_xs=jnp.zeros_like(residuals.xs),
+        d_xs=jax.tree_util.tree_map(jnp.zeros_like, residuals.xs),
         d_params=zeros,
     )
     rows, signatures = program.runs, _signatures(program)
@@ -507,7 +518,8 @@ def recurrence(step_fn, params, xs, initial_states, program, *,
             pure JAX function; `states` and `new_states` are lists of
             arrays `[batch, ...]`.
         params: A pytree of arrays: the weights (their gradients come back).
-        xs: Inputs `[batch, t, ...]`.
+        xs: Inputs `[batch, t, ...]`, or a pytree of them (`x_t` is then
+            the same pytree of one step's slices).
         initial_states: A list of arrays `[batch, ...]`.
         program: A `keras_bptt.execution.program.Program` for this t
             (`program_for`, `compile_program`); plans that store internal

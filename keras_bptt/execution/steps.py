@@ -21,43 +21,11 @@ With a mask, the internal state also holds the step's masked new states, so
 that restoring from it needs no mask.
 """
 
-import contextlib
-
 import keras
 import tensorflow as tf
 
+from keras_bptt.execution import cell_calls
 from keras_bptt.execution import interpreter as executor
-
-
-def _dropout_cells(cell):
-    """The `DropoutRNNCell`s inside `cell` (itself, or a stack's cells)."""
-    if isinstance(cell, keras.layers.StackedRNNCells):
-        return [c for inner in cell.cells for c in _dropout_cells(inner)]
-    if hasattr(cell, "get_dropout_mask"):
-        return [cell]
-    return []
-
-
-@contextlib.contextmanager
-def _fixed_dropout_masks(cells_and_masks):
-    """Makes each cell use the given masks, restoring its cache afterwards."""
-    saved = []
-    for cell, dropout_mask, recurrent_mask in cells_and_masks:
-        saved.append(
-            (
-                cell,
-                getattr(cell, "_dropout_mask", None),
-                getattr(cell, "_recurrent_dropout_mask", None),
-            )
-        )
-        cell._dropout_mask = dropout_mask
-        cell._recurrent_dropout_mask = recurrent_mask
-    try:
-        yield
-    finally:
-        for cell, dropout_mask, recurrent_mask in saved:
-            cell._dropout_mask = dropout_mask
-            cell._recurrent_dropout_mask = recurrent_mask
 
 
 def _expand_like(mask_t, tensor):
@@ -109,23 +77,13 @@ class RNNLoopStep:
         self.training = training
         self.carry_output = carry_output
         self.num_cell_states = len(keras.tree.flatten(state_structure))
-        # A cell called outside `keras.layers.RNN` may never have cached masks.
-        self._cells_and_masks = [
-            (
-                c,
-                getattr(c, "_dropout_mask", None),
-                getattr(c, "_recurrent_dropout_mask", None),
-            )
-            for c in _dropout_cells(cell)
-        ]
-        takes_training = isinstance(cell, keras.layers.Layer) and getattr(
-            cell, "_call_has_training_arg", False
-        )
-        self._cell_kwargs = {"training": training} if takes_training else {}
+        self._cells_and_masks = cell_calls.sampled_masks(
+            cell_calls.dropout_cells(cell))
+        self._cell_kwargs = cell_calls.call_kwargs(cell, training)
 
     def fixed_dropout_masks(self):
         """A context in which the cells use this call's dropout masks."""
-        return _fixed_dropout_masks(self._cells_and_masks)
+        return cell_calls.fixed_dropout_masks(self._cells_and_masks)
 
     def step(self, x_t, mask_t, flat_states):
         """`(output, new_flat_states)` of one step, masking included."""

@@ -26,13 +26,30 @@ from keras_bptt.execution import steps as steps_lib
 LAYER_SCHEMES = ("auto",) + planner.SCHEMES
 
 
-def _require_tensorflow_backend():
+BACKENDS = ("tensorflow", "jax")
+
+
+def _check_backend():
+    """The active Keras backend, if `MemoryBudgetRNN` runs on it."""
     active = keras.backend.backend()
-    if active != "tensorflow":
+    if active not in BACKENDS:
         raise RuntimeError(
-            "MemoryBudgetRNN runs on Keras' TensorFlow backend; the active "
-            f"backend is {active!r}. Set the environment variable "
-            "KERAS_BACKEND=tensorflow before importing keras."
+            "MemoryBudgetRNN runs on Keras' TensorFlow and JAX backends; the "
+            f"active backend is {active!r}. Set the environment variable "
+            "KERAS_BACKEND=tensorflow (or KERAS_BACKEND=jax) before importing "
+            "keras."
+        )
+    return active
+
+
+class _NoCountersOnJax:
+    """`MemoryBudgetRNN.execution_stats` under JAX: not counted yet."""
+
+    def __getattr__(self, name):
+        raise AttributeError(
+            "MemoryBudgetRNN.execution_stats is not kept on the JAX backend "
+            "yet (the plan is in layer.last_plan). Use "
+            "KERAS_BACKEND=tensorflow for the executor's counters."
         )
 
 
@@ -120,13 +137,14 @@ def _stores_internal_states(scheme):
     return scheme not in ("auto",) + planner.HIDDEN_STATE_SCHEMES
 
 
-def _validate_scheme(scheme, cell):
+def _validate_scheme(scheme, cell, backend):
     if scheme not in LAYER_SCHEMES:
         raise ValueError(
             f"Unknown scheme {scheme!r} for MemoryBudgetRNN. Expected one of "
             f"{LAYER_SCHEMES}."
         )
-    if _stores_internal_states(scheme):
+    # On JAX every cell has internal states (docs/executor.md).
+    if backend == "tensorflow" and _stores_internal_states(scheme):
         reason = internal_states.unsupported_reason(cell)
         if reason is not None:
             raise ValueError(
@@ -234,7 +252,10 @@ class MemoryBudgetRNN(keras.layers.RNN):
     stores only the hidden states chosen by a dynamic-programming plan
     (Gruslys et al., "Memory-Efficient Backpropagation Through Time", NIPS
     2016) and whose backward pass recomputes the rest, so the memory kept for
-    backpropagation stays within `memory_budget`.
+    backpropagation stays within `memory_budget`. Under `KERAS_BACKEND=jax`
+    the same plan runs as one `jax.custom_vjp` function, with the cell
+    called statelessly (`docs/executor.md`, "The JAX executor"; the
+    counters are TensorFlow's only for now).
 
     Args:
         cell: An RNN cell (anything `keras.layers.RNN` accepts: a Keras cell,
@@ -353,7 +374,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
         skip_padding="auto",
         **kwargs,
     ):
-        _require_tensorflow_backend()
+        self._backend = _check_backend()
         if skip_padding not in ("auto", True, False):
             raise ValueError(
                 f"skip_padding={skip_padding!r} for MemoryBudgetRNN; expected "
@@ -379,7 +400,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             **kwargs,
         )
         self.memory_budget = memory_budget
-        self.scheme = _validate_scheme(scheme, self.cell)
+        self.scheme = _validate_scheme(scheme, self.cell, self._backend)
         if report_metrics not in ("auto", True, False):
             raise ValueError(
                 f"report_metrics={report_metrics!r} for MemoryBudgetRNN; "
@@ -389,9 +410,9 @@ class MemoryBudgetRNN(keras.layers.RNN):
         self.report_metrics = report_metrics
         self._reporting_metrics = report_metrics is True
         self.fused = _validate_fused(fused, scheme, self.cell)
-        if fused is not False and fused_lib.kernel_for(self.cell)[0] in (
-            "cudnn_lstm", "cudnn_gru"
-        ):
+        if (self._backend == "tensorflow" and fused is not False
+                and fused_lib.kernel_for(self.cell)[0] in (
+                    "cudnn_lstm", "cudnn_gru")):
             # cuDNN's ops have no XLA kernel (as keras.layers.LSTM).
             self.supports_jit = False
         self.segment_costs = _segment_costs(segment_costs)
@@ -401,7 +422,10 @@ class MemoryBudgetRNN(keras.layers.RNN):
         self.last_fused_prediction = None
         self._alpha = None
         self.last_plan = None
-        self.execution_stats = execution_stats.ExecutionStats()
+        self.execution_stats = (
+            execution_stats.ExecutionStats() if self._backend == "tensorflow"
+            else _NoCountersOnJax()
+        )
         self.recomputed_steps_metric = None
         self.peak_stored_slots_metric = None
 
@@ -409,7 +433,8 @@ class MemoryBudgetRNN(keras.layers.RNN):
         super().build(sequences_shape, initial_state_shape)
         # Created here, not in __init__: Bidirectional renames its copies
         # after constructing them, and a metric's name is fixed at creation.
-        if self.report_metrics is not False and not self._budget.is_unlimited:
+        if (self.report_metrics is not False and not self._budget.is_unlimited
+                and self._backend == "tensorflow"):  # no counters on JAX yet
             recomputed, peak = metrics_lib.counter_metric_names(self.name)
             self.recomputed_steps_metric = keras.metrics.Mean(name=recomputed)
             self.peak_stored_slots_metric = metrics_lib.Maximum(name=peak)
@@ -476,6 +501,24 @@ class MemoryBudgetRNN(keras.layers.RNN):
         return calibration.calibrate_step_costs(
             self.cell, batch_size, features, dtype=self.compute_dtype)
 
+    def _plan(self, length, batch_size, state_bytes, alpha, internal,
+              step_costs, budget=None):
+        """The `Program` for this length and batch (`program_for`), under
+        `budget` (default: the layer's); keeps its plan in `last_plan`."""
+        plan, program = program_lib.program_for(
+            length,
+            batch_size,
+            budget=budget or self._budget,
+            scheme=self.scheme,
+            state_bytes=state_bytes,
+            alpha=alpha,
+            internal_states_supported=internal,
+            step_costs=step_costs,
+        )
+        self.last_plan = plan
+        self._last_program = program
+        return program
+
     def _program_tensors(self, length, batch_size, state_bytes, alpha, internal,
                          features, budget_length=None):
         """The program's tensors for `length` steps.
@@ -494,19 +537,8 @@ class MemoryBudgetRNN(keras.layers.RNN):
             if full_length is not None and budget.kind == "fraction":
                 budget = budget_lib.Budget.from_slots(
                     budget.to_slots(int(full_length), alpha=alpha))
-            plan, program = program_lib.program_for(
-                int(t),
-                int(batch),
-                budget=budget,
-                scheme=self.scheme,
-                state_bytes=state_bytes,
-                alpha=alpha,
-                internal_states_supported=internal,
-                step_costs=step_costs,
-            )
-            self.last_plan = plan
-            self._last_program = program
-            return program
+            return self._plan(int(t), int(batch), state_bytes, alpha, internal,
+                              step_costs, budget=budget)
 
         if budget_length is not None:
             full = tf.get_static_value(budget_length)
@@ -606,11 +638,60 @@ class MemoryBudgetRNN(keras.layers.RNN):
         )
         return program, run
 
+    def _jax_inner_loop(self, sequences, initial_state, mask, training):
+        """`inner_loop` on JAX: the same plan, run by
+        `keras_bptt.execution.jax_executor` (docs/executor.md)."""
+        from keras_bptt.execution import jax_steps  # JAX: imported on JAX only
+
+        tensorflow_only = {
+            "fused=True runs TensorFlow's fused kernels; use fused='auto' "
+            "(identical results) or fused=False.": self.fused is True,
+            "step_costs='calibrate' measures the cell in TensorFlow; pass "
+            "a StepCosts measured there, or None.":
+                self.step_costs == "calibrate",
+        }
+        for reason, applies in tensorflow_only.items():
+            if applies:
+                raise ValueError(
+                    f"{self.name} on the JAX backend: {reason} Use "
+                    "KERAS_BACKEND=tensorflow for it, or memory_budget=None "
+                    "(keras.layers.RNN's loop).")
+        step = jax_steps.CellStep(
+            self.cell, initial_state, training, masked=mask is not None,
+            zero_output_for_mask=self.zero_output_for_mask)
+        flat_states = keras.tree.flatten(initial_state)
+        params = step.params()
+        if self._alpha is None:
+            x_t = sequences[:, 0] if mask is None else (
+                sequences[:, 0], keras.ops.ones_like(sequences[:, 0, :1]))
+            self._alpha = step.alpha(params, x_t, flat_states)
+        batch_size, length = sequences.shape[:2]
+        program = self._plan(
+            length, batch_size, jax_steps.per_sample_bytes(flat_states),
+            self._alpha, True, self.step_costs)
+        outputs, final_states = step.run(
+            params, sequences, mask, flat_states, program,
+            go_backwards=self.go_backwards,
+            return_sequences=self.return_sequences)
+        return self._inner_loop_results(initial_state, outputs, final_states)
+
+    def _inner_loop_results(self, initial_state, outputs, final_states):
+        """`(last_output, outputs, states)`, as `keras.layers.RNN.inner_loop`."""
+        states = keras.tree.pack_sequence_as(initial_state, final_states)
+        if self.return_sequences:
+            return outputs[:, -1], outputs, states
+        return outputs, keras.ops.expand_dims(outputs, 1), states
+
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        if self._budget.is_unlimited or not record.could_possibly_record():
+        if self._budget.is_unlimited:
             return super().inner_loop(sequences, initial_state, mask, training)
         if not keras.tree.is_nested(initial_state):
             initial_state = [initial_state]
+        if self._backend == "jax":
+            return self._jax_inner_loop(
+                sequences, initial_state, mask, training)
+        if not record.could_possibly_record():
+            return super().inner_loop(sequences, initial_state, mask, training)
         # Stateful layers pass their state variables: read them once here.
         flat_states = [
             tf.convert_to_tensor(s) for s in keras.tree.flatten(initial_state)
@@ -714,13 +795,7 @@ class MemoryBudgetRNN(keras.layers.RNN):
             outputs = tf.identity(outputs)
         if carry_output:
             final_states = final_states[:-1]
-        states = keras.tree.pack_sequence_as(initial_state, final_states)
-        if self.return_sequences:
-            last_output = outputs[:, -1]
-        else:
-            last_output = outputs
-            outputs = tf.expand_dims(outputs, 1)
-        return last_output, outputs, states
+        return self._inner_loop_results(initial_state, outputs, final_states)
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         _check_sequences(sequences)

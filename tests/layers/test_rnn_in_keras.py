@@ -158,8 +158,12 @@ def test_unknown_batch_with_byte_budget_plans_at_run_time():
         assert budgeted.last_plan.memory == pytest.approx(1000 / hidden_bytes)
 
 
-def test_non_tensorflow_backend_is_rejected_with_instructions(monkeypatch):
-    # Other backends need packages (jax, torch) that the tests do not install.
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(RuntimeError, match="'jax'.*KERAS_BACKEND=tensorflow"):
+def test_backends_other_than_tensorflow_and_jax_are_rejected_with_instructions(
+        monkeypatch):
+    # PyTorch needs a package the tests do not install; tests/jax_backend/
+    # runs the layer on JAX.
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    with pytest.raises(RuntimeError, match=(
+            "TensorFlow and JAX backends.*'torch'.*KERAS_BACKEND=tensorflow "
+            r"\(or KERAS_BACKEND=jax\)")):
         MemoryBudgetRNN(keras.layers.LSTMCell(2), memory_budget=2)
